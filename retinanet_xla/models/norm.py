@@ -29,6 +29,8 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
     ``average_across_replicas`` must be a differentiable mean over replicas (the trainer installs
     torch_xla's all-reduce); with the default identity it is exactly ``nn.BatchNorm2d``. Every
     replica has the same per-replica batch, so the mean of per-replica moments is the global one.
+    The running variance's unbiasing factor uses the per-replica count (n/(n-1) with n the values
+    per channel on one replica), a negligible difference for the batch sizes that need this layer.
     """
 
     average_across_replicas: Callable[[Tensor], Tensor] = staticmethod(_identity)

@@ -1,0 +1,135 @@
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet34
+from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection.retinanet import RetinaNetHead as TorchvisionHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from retinanet_xla import RetinaNet
+from retinanet_xla.models import CrossReplicaBatchNorm2d, RetinaNetHead
+
+
+@pytest.fixture(scope="module")
+def torchvision_model():
+    torch.manual_seed(0)
+    return retinanet_resnet50_fpn(weights=None, weights_backbone=None).eval()
+
+
+def test_parameter_names_and_shapes_equal_torchvision(torchvision_model):
+    # torchvision without weights builds trainable BatchNorm everywhere (nothing frozen); ours
+    # turns frozen stages into FrozenBatchNorm (buffers, no parameters), so compare unfrozen.
+    unfrozen = RetinaNet(backbone_norm="bn", freeze_at=0)
+    assert {n: p.shape for n, p in unfrozen.named_parameters()} == {n: p.shape for n, p in torchvision_model.named_parameters()}
+    # The default frozen-BN model (torchvision's pretrained layout) has the same state-dict entries
+    # except num_batches_tracked, which FrozenBatchNorm2d does not keep.
+    reference = {k: v.shape for k, v in torchvision_model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert {k: v.shape for k, v in RetinaNet().state_dict().items()} == reference
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_torchvision_state_dict_loads_strictly_and_outputs_match(torchvision_model, norm):
+    ours = RetinaNet(backbone_norm=norm).eval()
+    ours.load_state_dict(torchvision_model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 160, 128)
+    with torch.no_grad():
+        expected = torchvision_model.head(list(torchvision_model.backbone(x).values()))
+        actual = ours(x)
+    for key in ("cls_logits", "bbox_regression"):
+        assert actual[key].shape == expected[key].shape
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-4)
+    # ... and ours loads back into torchvision.
+    torchvision_copy = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    torchvision_copy.load_state_dict(ours.state_dict(), strict=False)
+    missing = set(torchvision_copy.state_dict()) - set(ours.state_dict())
+    assert all(k.endswith("num_batches_tracked") for k in missing)
+
+
+@pytest.mark.parametrize("image_size", [(64, 64), (100, 75), (33, 129)])
+def test_feature_sizes_and_anchor_count_match_the_network(image_size):
+    model = RetinaNet(num_classes=2, depth=18, fpn_channels=32, head_convs=1).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, *image_size))
+        outputs = model(torch.zeros(1, 3, *image_size))
+    assert [tuple(f.shape[-2:]) for f in features] == list(model.feature_sizes(image_size))
+    assert [f.shape[1] for f in features] == [32] * 5
+    assert outputs["cls_logits"].shape == (1, len(model.anchors(image_size)), 2)
+
+
+def test_classification_prior_and_regression_init():
+    model = RetinaNet(num_classes=4, depth=18, fpn_channels=32, head_convs=2).eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(torch.zeros(1, 3, 64, 64))["cls_logits"])
+    assert probabilities.mean().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_freeze_at_freezes_stem_and_stages_with_frozen_batch_norm():
+    model = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=2)
+    body = model.backbone.body
+    assert not body.conv1.weight.requires_grad and not any(p.requires_grad for p in body.layer1.parameters())
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert type(body.layer2[0].bn1) is nn.BatchNorm2d
+    unfrozen = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=0).backbone.body
+    assert unfrozen.conv1.weight.requires_grad and type(unfrozen.bn1) is nn.BatchNorm2d
+
+
+def test_group_norm_head_has_torchvision_v2_names():
+    ours = RetinaNetHead(64, 9, 5, num_convs=2, norm="gn")
+    reference = TorchvisionHead(64, 9, 5, norm_layer=partial(nn.GroupNorm, 32))
+    reference.classification_head.conv = reference.classification_head.conv[:2]
+    reference.regression_head.conv = reference.regression_head.conv[:2]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_imagenet_weights_load_from_a_local_file(tmp_path):
+    torch.manual_seed(3)
+    classifier = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(classifier.state_dict(), path)
+    model = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=path)
+    torch.testing.assert_close(model.backbone.body.layer3[1].conv2.weight, classifier.layer3[1].conv2.weight)
+    torch.testing.assert_close(model.backbone.body.bn1.running_var, classifier.bn1.running_var)
+
+
+def test_wrong_weights_file_gives_one_line_error(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(resnet34().state_dict(), path)
+    with pytest.raises(ValueError) as error:
+        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "resnet18" in message and "unexpected layer1.2" in message
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a PyTorch state dict"):
+        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=garbage)
+    with pytest.raises(ValueError, match="does not exist"):
+        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=tmp_path / "missing.pth")
+
+
+def test_cross_replica_batch_norm_uses_global_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 3 + 1
+    reference = nn.BatchNorm2d(8).train()
+    expected = reference(x)
+    halves = x[:2], x[2:]
+    moments = [torch.stack([h.mean(dim=(0, 2, 3)), (h * h).mean(dim=(0, 2, 3))]) for h in halves]
+    layer = CrossReplicaBatchNorm2d(8).train()
+    layer.average_across_replicas = lambda local: (moments[0] + moments[1]) / 2
+    torch.testing.assert_close(layer(halves[0]), expected[:2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    # Unbiased running variance from 2 x 50 values per channel on each replica: close to BN's over 100.
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-2, atol=1e-2)
+    plain = CrossReplicaBatchNorm2d(8).train()
+    torch.testing.assert_close(plain(x), expected)  # one replica: exactly BatchNorm2d
+
+
+def test_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="ResNet depth must be one of"):
+        RetinaNet(depth=42)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        RetinaNet(depth=18, backbone_norm="layer")
+    with pytest.raises(ValueError, match="freeze_at"):
+        RetinaNet(depth=18, freeze_at=7)
