@@ -1,10 +1,13 @@
 """The ``retinanet-xla`` command line."""
 
+import sys
 from typing import Optional
 
 import typer
 
 from retinanet_xla import __version__
+from retinanet_xla.data.coco import DatasetError
+from retinanet_xla.data.commands import data_app
 
 app = typer.Typer(
     name="retinanet-xla",
@@ -30,8 +33,16 @@ def root(
     """Train, evaluate and export RetinaNet detectors on TPU (and CPU) with PyTorch/XLA."""
 
 
+app.add_typer(data_app, name="data")
+
+
 def main() -> None:
-    app()
+    """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=True)
+    except DatasetError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

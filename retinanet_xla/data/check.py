@@ -1,0 +1,62 @@
+"""``retinanet-xla data check``: every problem of a dataset, without training."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from retinanet_xla.data.coco import CocoDataset, load_coco
+from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+
+
+@dataclass
+class CheckReport:
+    dataset: CocoDataset
+    num_images: int
+    num_boxes: int
+    num_crowd: int
+    boxes_per_category: Dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.dataset.problems
+
+    def lines(self) -> List[str]:
+        mapping = self.dataset.mapping
+        out = [
+            f"{self.dataset.annotations_file}: {self.num_images} usable images, {self.num_boxes} boxes "
+            f"({self.num_crowd} crowd), {len(mapping.category_ids)} categories",
+            "boxes per category: " + ", ".join(f"{name} {count}" for name, count in self.boxes_per_category.items()),
+        ]
+        if self.ok:
+            out.append("no problems found")
+        for reason, count in sorted(self.dataset.problems.items()):
+            out.append(f"{reason}: {count} (e.g. {'; '.join(self.dataset.examples[reason])})")
+        return out
+
+
+def check_dataset(annotations: Path, images: Path, decode: bool = True) -> CheckReport:
+    """Load with the training defaults and, with ``decode``, decode every image as training would."""
+    dataset = load_coco(annotations, images)
+    if decode:
+        readable = []
+        for record in dataset.records:
+            try:
+                image = read_rgb(record.path)
+            except UnreadableImage as error:
+                dataset.note("unreadable image", str(error))
+                continue
+            if (image.width, image.height) != (record.width, record.height):
+                dataset.note("image size differs from the JSON", f"{record.path.name}: {image.width}x{image.height} vs {record.width}x{record.height}")
+            readable.append(record)
+        dataset.records = readable
+    counts = {mapping_id: 0 for mapping_id in dataset.mapping.category_ids}
+    for record in dataset.records:
+        for category_id in record.category_ids.tolist():
+            counts[category_id] += 1
+    return CheckReport(
+        dataset,
+        num_images=len(dataset.records),
+        num_boxes=sum(len(r.boxes) for r in dataset.records),
+        num_crowd=sum(int(r.crowd.sum()) for r in dataset.records),
+        boxes_per_category={dataset.mapping.names[k]: v for k, v in counts.items()},
+    )

@@ -1,0 +1,204 @@
+"""COCO instances JSON -> validated, in-memory image records.
+
+Annotation files come from others, so nothing in them is trusted: the structure is checked at
+start-up (one clear error for a file that is not COCO instances format), every per-image or
+per-box problem is counted under a named reason instead of crashing a run hours in, and image
+paths must stay inside the images directory.
+"""
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+LABEL_MAPPINGS = ("contiguous", "raw")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used at all; the message is one line naming the file."""
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: Path
+    width: int  # from the JSON; the decoded size wins when they differ
+    height: int
+    boxes: np.ndarray  # [N, 4] float32, x1 y1 x2 y2 in original pixels, clipped to the image
+    category_ids: np.ndarray  # [N] int64, the dataset's own ids
+    crowd: np.ndarray  # [N] bool
+
+
+@dataclass
+class CategoryMapping:
+    """How dataset category ids become training labels, and back.
+
+    ``contiguous``: sorted ids -> 0..K-1. ``raw``: label = category id (COCO's 91 slots, as the
+    reference recipe and torchvision's COCO models)."""
+
+    mode: str
+    category_ids: List[int]
+    names: Dict[int, str]
+
+    def __post_init__(self):
+        if self.mode not in LABEL_MAPPINGS:
+            raise DatasetError(f"data.label_mapping must be one of {', '.join(LABEL_MAPPINGS)}, got {self.mode!r}")
+        self.category_ids = sorted(self.category_ids)
+
+    @property
+    def num_labels(self) -> int:
+        """The smallest ``model.num_classes`` that covers every label."""
+        if self.mode == "raw":
+            return max(self.category_ids, default=-1) + 1
+        return len(self.category_ids)
+
+    def to_labels(self, category_ids: np.ndarray) -> np.ndarray:
+        if self.mode == "raw":
+            return category_ids.astype(np.int64)
+        return np.searchsorted(np.asarray(self.category_ids), category_ids).astype(np.int64)
+
+    def to_category_ids(self, labels: np.ndarray) -> np.ndarray:
+        if self.mode == "raw":
+            return labels.astype(np.int64)
+        return np.asarray(self.category_ids, dtype=np.int64)[labels]
+
+    def to_dict(self) -> dict:
+        """Plain data for checkpoints and detections files."""
+        return {"mode": self.mode, "category_ids": list(self.category_ids), "names": {str(k): v for k, v in self.names.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CategoryMapping":
+        return cls(data["mode"], [int(i) for i in data["category_ids"]], {int(k): v for k, v in data["names"].items()})
+
+
+@dataclass
+class CocoDataset:
+    annotations_file: Path
+    images_dir: Path
+    records: List[ImageRecord]
+    mapping: CategoryMapping
+    problems: Counter = field(default_factory=Counter)  # reason -> count
+    examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> first few descriptions
+
+    def note(self, reason: str, example: str) -> None:
+        self.problems[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 3:
+            shown.append(example)
+
+
+def _require(condition: bool, path: Path, problem: str) -> None:
+    if not condition:
+        raise DatasetError(f"{path}: not a COCO instances file: {problem}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def resolve_image_path(images_dir: Path, file_name: str) -> Optional[Path]:
+    """The image's path, or None when ``file_name`` would leave the images directory
+    (absolute paths, ``..``, symlinks pointing out)."""
+    root = images_dir.resolve()
+    candidate = (root / file_name).resolve()
+    return candidate if candidate.is_relative_to(root) and candidate != root else None
+
+
+def load_coco(
+    annotations_file: Path,
+    images_dir: Path,
+    label_mapping: str = "contiguous",
+    min_box_size: float = 1.0,
+    check_files: bool = True,
+) -> CocoDataset:
+    """Read and validate a COCO instances file. Structural problems raise ``DatasetError``;
+    problems with single images or boxes are counted in ``dataset.problems`` and those entries
+    dropped (boxes are clipped to the image first; a box narrower or shorter than
+    ``min_box_size`` pixels after clipping is degenerate)."""
+    annotations_file, images_dir = Path(annotations_file), Path(images_dir)
+    if not annotations_file.is_file():
+        raise DatasetError(f"{annotations_file}: annotation file does not exist")
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: images directory does not exist")
+    try:
+        data = json.loads(annotations_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{annotations_file}: not valid JSON ({error})") from None
+    _require(isinstance(data, dict), annotations_file, "the top level must be an object")
+    for key in ("images", "annotations", "categories"):
+        _require(isinstance(data.get(key), list), annotations_file, f"missing list '{key}'")
+
+    categories = {}
+    for entry in data["categories"]:
+        _require(isinstance(entry, dict) and isinstance(entry.get("id"), int), annotations_file, "every category needs an integer 'id'")
+        _require(entry["id"] >= 0, annotations_file, f"category id {entry['id']} is negative")
+        categories[entry["id"]] = str(entry.get("name", entry["id"]))
+    _require(bool(categories), annotations_file, "'categories' is empty")
+    mapping = CategoryMapping(label_mapping, list(categories), categories)
+    dataset = CocoDataset(annotations_file, images_dir, [], mapping)
+
+    images = {}
+    for entry in data["images"]:
+        _require(
+            isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("file_name"), str),
+            annotations_file,
+            "every image needs an integer 'id' and a string 'file_name'",
+        )
+        path = resolve_image_path(images_dir, entry["file_name"])
+        if path is None:
+            dataset.note("image path outside the images directory", entry["file_name"])
+            continue
+        if check_files and not path.is_file():
+            dataset.note("missing image file", str(path))
+            continue
+        width, height = entry.get("width"), entry.get("height")
+        if not (_number(width) and _number(height) and width > 0 and height > 0):
+            dataset.note("image without positive width/height", entry["file_name"])
+            continue
+        images[entry["id"]] = (path, int(width), int(height), [])
+
+    for entry in data["annotations"]:
+        _require(isinstance(entry, dict), annotations_file, "every annotation must be an object")
+        image = images.get(entry.get("image_id"))
+        bbox = entry.get("bbox")
+        if image is None:
+            dataset.note("annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {entry.get('image_id')}")
+        elif entry.get("category_id") not in categories:
+            dataset.note("annotation with an unknown category", f"annotation {entry.get('id')} -> category {entry.get('category_id')}")
+        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            dataset.note("malformed bbox", f"annotation {entry.get('id')}: {bbox!r}")
+        else:
+            image[3].append((bbox, entry["category_id"], bool(entry.get("iscrowd", 0))))
+
+    for image_id, (path, width, height, annotations) in images.items():
+        boxes, category_ids, crowd = [], [], []
+        for (x, y, w, h), category_id, is_crowd in annotations:
+            if w <= 0 or h <= 0:
+                dataset.note("box with non-positive size", f"image {image_id}: {[x, y, w, h]}")
+                continue
+            clipped = [min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height)]
+            if clipped != [x, y, x + w, y + h]:
+                dataset.note("box outside the image (clipped)", f"image {image_id}: {[x, y, w, h]}")
+            if clipped[2] - clipped[0] < min_box_size or clipped[3] - clipped[1] < min_box_size:
+                dataset.note("box degenerate after clipping", f"image {image_id}: {[x, y, w, h]}")
+                continue
+            boxes.append(clipped)
+            category_ids.append(category_id)
+            crowd.append(is_crowd)
+        dataset.records.append(
+            ImageRecord(
+                image_id,
+                path,
+                width,
+                height,
+                np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                np.asarray(category_ids, dtype=np.int64),
+                np.asarray(crowd, dtype=bool),
+            )
+        )
+    dataset.records.sort(key=lambda record: record.image_id)
+    return dataset
+

@@ -1,0 +1,55 @@
+"""``retinanet-xla data ...``: write the synthetic dataset, check a dataset, time the pipeline."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from retinanet_xla.data.check import check_dataset
+from retinanet_xla.data.synthetic import write_synthetic_dataset
+from retinanet_xla.data.throughput import measure_pipeline
+
+data_app = typer.Typer(help="Datasets: write the synthetic one, check one, time the input pipeline.", no_args_is_help=True)
+
+
+@data_app.command("synth")
+def synth(
+    output_dir: Path = typer.Argument(..., help="Directory to write annotations/, train/ and val/ into."),
+    images: int = typer.Option(256, "--images", min=1, help="Training images."),
+    val_images: int = typer.Option(64, "--val-images", min=1, help="Validation images."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same dataset."),
+) -> None:
+    """Write the synthetic shapes dataset in the COCO 2017 layout."""
+    paths = write_synthetic_dataset(output_dir, images, val_images, seed)
+    for split, split_paths in paths.items():
+        typer.echo(f"{split}: {split_paths['annotations']} ({split_paths['images']})")
+
+
+@data_app.command("check")
+def check(
+    annotations: Path = typer.Argument(..., help="COCO instances JSON."),
+    images: Path = typer.Option(..., "--images", help="Directory the file names are relative to."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slow for large datasets)."),
+) -> None:
+    """Report every problem of a dataset; exit code 1 when there is any."""
+    report = check_dataset(annotations, images, decode)
+    for line in report.lines():
+        typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("bench")
+def bench(
+    image_size: int = typer.Option(640, "--image-size", min=32, help="Square training input size."),
+    num_images: int = typer.Option(200, "--images", min=1, help="Samples to time."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="A COCO file to read instead of synthetic images."),
+    images: Optional[Path] = typer.Option(None, "--images-dir", help="Images directory for --annotations."),
+) -> None:
+    """Training-pipeline throughput of one worker, every augmentation on."""
+    if (annotations is None) != (images is None):
+        raise typer.BadParameter("--annotations and --images-dir go together")
+    result = measure_pipeline((image_size, image_size), num_images, annotations, images)
+    typer.echo(
+        f"data pipeline: {result.images_per_second:.1f} images/s per worker at {image_size}x{image_size} "
+        f"({result.images} images in {result.seconds:.2f} s; {result.source})"
+    )

@@ -1,0 +1,122 @@
+"""One sample: a decoded, transformed image and its ground truth padded to ``max_boxes``."""
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from retinanet_xla.data.coco import CategoryMapping, ImageRecord
+from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+from retinanet_xla.data.transforms import Augmentation, letterbox, random_resized_crop
+
+logger = logging.getLogger(__name__)
+
+PADDING_INDEX = -1  # a sampler key for a masked-out slot that fills the last evaluation batch
+Key = Union[int, Tuple[int, int]]  # image index, or (image index, augmentation seed)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Map-style dataset of fixed-shape samples.
+
+    Keys come from the samplers in ``loader.py``: ``(index, seed)``, where the seed drives
+    this sample's augmentation so that it depends on the run's seed and the sample's position
+    in the stream, never on which worker process decoded it. ``augmentation=None`` is the
+    evaluation transform (letterbox).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        mapping: CategoryMapping,
+        image_size: Sequence[int],
+        max_boxes: int,
+        augmentation: Optional[Augmentation] = None,
+    ):
+        if max_boxes < 1:
+            raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+        self.records = list(records)
+        self.mapping = mapping
+        self.image_size = tuple(int(s) for s in image_size)
+        self.max_boxes = max_boxes
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: Key) -> Dict[str, np.ndarray]:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        if index == PADDING_INDEX:
+            return self._padding_sample()
+        unreadable = 0
+        # An unreadable image is replaced by the next readable one: the batch keeps its shape and
+        # the count travels with the batch so the trainer can log it.
+        for attempt in range(len(self.records)):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                image = read_rgb(record.path)
+            except UnreadableImage as error:
+                logger.warning("skipping unreadable image %s", error)
+                unreadable += 1
+                continue
+            sample = self._transform(record, image, np.random.default_rng(seed))
+            sample["unreadable"] = np.int64(unreadable)
+            return sample
+        raise RuntimeError(f"none of the {len(self.records)} images of the dataset can be read")
+
+    def _transform(self, record: ImageRecord, image, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        boxes = record.boxes
+        if (image.width, image.height) != (record.width, record.height):
+            # The JSON's size is wrong (or EXIF rotated the image): rescale to the decoded pixels.
+            boxes = boxes * np.array([image.width / record.width, image.height / record.height] * 2, dtype=np.float32)
+        labels = self.mapping.to_labels(record.category_ids)
+        crowd = record.crowd
+        if self.augmentation is None:
+            pixels, boxes, scale = letterbox(image, boxes, self.image_size)
+        else:
+            pixels, boxes, keep = random_resized_crop(image, boxes, self.image_size, self.augmentation, rng)
+            labels, crowd = labels[keep], crowd[keep]
+            scale = 0.0  # not invertible after a random crop; only evaluation uses the scale
+        return self._pad(pixels, boxes, labels, crowd, record, scale, valid=True)
+
+    def _pad(self, pixels, boxes, labels, crowd, record: Optional[ImageRecord], scale: float, valid: bool) -> Dict[str, np.ndarray]:
+        truncated = len(boxes) > self.max_boxes
+        if truncated:
+            # Keep real objects before crowd regions, larger before smaller.
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            order = np.lexsort((-area, crowd))[: self.max_boxes]
+            boxes, labels, crowd = boxes[order], labels[order], crowd[order]
+        count = len(boxes)
+        padded_boxes = np.zeros((self.max_boxes, 4), dtype=np.float32)
+        padded_labels = np.full(self.max_boxes, -1, dtype=np.int64)
+        padded_crowd = np.zeros(self.max_boxes, dtype=bool)
+        padded_boxes[:count], padded_labels[:count], padded_crowd[:count] = boxes, labels, crowd
+        return {
+            "image": np.ascontiguousarray(pixels.transpose(2, 0, 1)),
+            "boxes": padded_boxes,
+            "labels": padded_labels,
+            "crowd": padded_crowd,
+            "image_id": np.int64(record.image_id if record else -1),
+            "scale": np.float32(scale),
+            "original_size": np.array([record.height, record.width] if record else [0, 0], dtype=np.int64),
+            "valid": np.bool_(valid),
+            "truncated": np.bool_(truncated),
+            "unreadable": np.int64(0),
+        }
+
+    def _padding_sample(self) -> Dict[str, np.ndarray]:
+        pixels = np.zeros((*self.image_size, 3), dtype=np.uint8)
+        empty = np.zeros((0, 4), dtype=np.float32)
+        return self._pad(pixels, empty, np.zeros(0, np.int64), np.zeros(0, bool), None, 0.0, valid=False)
+
+
+BATCH_KEYS = ("image", "boxes", "labels", "crowd", "image_id", "scale", "original_size", "valid", "truncated", "unreadable")
+
+
+def collate(samples: List[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:
+    """Stack samples into a batch whose shapes and dtypes depend only on the configuration:
+    images uint8 [B, 3, H, W], boxes float32 [B, M, 4], labels int64 [B, M] (-1 = padding),
+    crowd bool [B, M], image_id [B], scale [B], original_size [B, 2] (H, W), valid [B]."""
+    batch = {key: torch.from_numpy(np.stack([sample[key] for sample in samples])) for key in BATCH_KEYS}
+    batch["images"] = batch.pop("image")
+    return batch

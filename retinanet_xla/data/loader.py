@@ -1,0 +1,90 @@
+"""Sharded, deterministic sampling and the DataLoader around ``DetectionDataset``.
+
+Every replica builds its own loader with its ``rank``; the samplers give each replica a
+disjoint slice of every epoch. The training stream is infinite and addressable by batch number,
+so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+
+from retinanet_xla.data.dataset import PADDING_INDEX, DetectionDataset, collate
+
+
+def _check_shard(num_replicas: int, rank: int, batch_size: int) -> None:
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+    if batch_size < 1:
+        raise ValueError(f"per-replica batch size must be >= 1, got {batch_size}")
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """Endless ``(index, augmentation seed)`` keys for one replica.
+
+    Epoch ``e`` is a permutation drawn from ``seed + e``, cut to a multiple of the global batch
+    (the remainder is dropped, a different remainder each epoch); replica ``r`` takes the
+    ``r``-th slice of every global batch. ``start_batch`` skips that many per-replica batches.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, start_batch: int = 0):
+        _check_shard(num_replicas, rank, batch_size)
+        global_batch = batch_size * num_replicas
+        if num_images < global_batch:
+            raise ValueError(f"the training set has {num_images} images, fewer than one global batch of {global_batch}")
+        self.num_images, self.batch_size, self.num_replicas, self.rank = num_images, batch_size, num_replicas, rank
+        self.seed, self.start_batch = seed, start_batch
+        self.batches_per_epoch = num_images // global_batch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This replica's image indices for ``epoch``, [batches_per_epoch, batch_size]."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+        global_batches = order[: self.batches_per_epoch * self.batch_size * self.num_replicas]
+        global_batches = global_batches.reshape(self.batches_per_epoch, self.num_replicas, self.batch_size)
+        return global_batches[:, self.rank]
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        batch = self.start_batch
+        while True:
+            epoch, position = divmod(batch, self.batches_per_epoch)
+            indices = self.epoch_indices(epoch)
+            for row in indices[position:]:
+                for slot, index in enumerate(row):
+                    # The augmentation seed names the sample's place in the whole run.
+                    yield int(index), int(np.random.SeedSequence([self.seed, self.rank, batch, slot]).generate_state(1)[0])
+                batch += 1
+
+
+class EvalSampler(torch.utils.data.Sampler):
+    """Every image exactly once over all replicas, in order; the last global batch is padded
+    with ``PADDING_INDEX`` keys (masked samples, ``valid = False``) so shapes never change."""
+
+    def __init__(self, num_images: int, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        _check_shard(num_replicas, rank, batch_size)
+        global_batch = batch_size * num_replicas
+        num_batches = -(-num_images // global_batch)
+        keys = np.full(num_batches * global_batch, PADDING_INDEX, dtype=np.int64)
+        keys[:num_images] = np.arange(num_images)
+        self.keys = keys.reshape(num_batches, num_replicas, batch_size)[:, rank].reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return ((int(index), 0) for index in self.keys)
+
+
+def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2) -> torch.utils.data.DataLoader:
+    """A DataLoader of fixed-shape batches. Workers are persistent: the training stream is
+    endless and re-spawning them per epoch would stall the device."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
