@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast clean
+.PHONY: install test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 # Eager unit tests only (seconds): the math, without XLA compilation.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not xla"
+
+# Benchmarks; record the results in docs/performance.md with the machine and date.
+bench: $(STAMP)
+	$(BIN)/retinanet-xla data bench --image-size 640 --images 200
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -64,6 +64,13 @@ def letterbox(image: Image.Image, boxes: np.ndarray, output_size: Sequence[int])
     return _paste(resized, output_size), boxes * np.float32(scale), scale
 
 
+def hflip(image: Image.Image, boxes: np.ndarray) -> Tuple[Image.Image, np.ndarray]:
+    """Mirror the image and its boxes left to right."""
+    width = image.width
+    flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+    return image.transpose(Image.FLIP_LEFT_RIGHT), flipped.reshape(-1, 4)
+
+
 # RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q) that leaves luma (Y) alone.
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
@@ -120,7 +127,6 @@ def random_resized_crop(
     )
     boxes = boxes[keep]
     if rng.random() < augmentation.hflip_probability:
-        content = content.transpose(Image.FLIP_LEFT_RIGHT)
-        boxes = np.stack([crop_w - boxes[:, 2], boxes[:, 1], crop_w - boxes[:, 0], boxes[:, 3]], axis=1)
+        content, boxes = hflip(content, boxes)
     content = _jitter_colour(content, augmentation, rng)
     return _paste(content, output_size), boxes.astype(np.float32).reshape(-1, 4), keep
