@@ -1,13 +1,21 @@
 """The ``retinanet-xla`` command line."""
 
+import json
+import logging
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 from retinanet_xla import __version__
+from retinanet_xla.config import ConfigError, load_config
 from retinanet_xla.data.coco import DatasetError
 from retinanet_xla.data.commands import data_app
+from retinanet_xla.engine.checkpoint import CheckpointError
+
+# Mistakes a user can make: reported in one line, exit code 2.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError)
 
 app = typer.Typer(
     name="retinanet-xla",
@@ -33,14 +41,33 @@ def root(
     """Train, evaluate and export RetinaNet detectors on TPU (and CPU) with PyTorch/XLA."""
 
 
+SET_HELP = "Override a config key, e.g. --set train.steps=200 --set data.image_size=[512,512]. Repeatable."
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
+) -> None:
+    """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory."""
+    from retinanet_xla.engine.trainer import train as run_training
+
+    settings = load_config(config, overrides)
+    output_dir = output or Path(settings.train.output_dir)
+    result = run_training(settings, output_dir)
+    typer.echo(json.dumps(result.summary, indent=2))
+
+
 app.add_typer(data_app, name="data")
 
 
 def main() -> None:
     """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=True)
-    except DatasetError as error:
+    except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
 

@@ -1,0 +1,88 @@
+"""Checkpoint files: plain data and tensors only, written atomically, checked on load.
+
+A checkpoint loads with ``torch.load(weights_only=True)``: a file from someone else cannot run
+code. It is written to a temporary file in the same directory, flushed and fsynced, then renamed
+over the target, so a crash mid-write never leaves a truncated checkpoint under the real name.
+"""
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+FORMAT = "retinanet-xla-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "category_mapping")
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint file; the message is one line naming it."""
+
+
+def to_cpu(value: Any) -> Any:
+    """A copy of nested dicts/lists of tensors on the host (device tensors cannot be pickled
+    portably, and the file must load on a machine without the device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_cpu(v) for v in value]
+    return value
+
+
+def versions() -> Dict[str, str]:
+    from retinanet_xla import __version__
+
+    found = {"retinanet_xla": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import torchvision
+
+        found["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return found
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` (plus format tags and versions) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **to_cpu(payload)}
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, foreign pickle, anything weights_only refuses
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a retinanet-xla checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload

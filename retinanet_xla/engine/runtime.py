@@ -1,0 +1,86 @@
+"""The device the loop runs on: an XLA device (TPU, or CPU through PJRT) or, for debugging,
+eager CPU/CUDA. Everything XLA-specific the loop needs sits behind this one class."""
+
+import contextlib
+import time
+from typing import Callable, Dict, Iterable, Iterator
+
+import torch
+
+
+class Runtime:
+    def __init__(self, kind: str = "xla"):
+        self.kind = kind
+        if kind == "xla":
+            import torch_xla
+
+            self.device = torch_xla.device()
+        elif kind == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("runtime.device is cuda but no CUDA device is available")
+            self.device = torch.device("cuda")
+        else:
+            self.device = torch.device("cpu")
+
+    @property
+    def is_xla(self) -> bool:
+        return self.kind == "xla"
+
+    def sync(self) -> None:
+        """End the traced step: XLA compiles (first time) and launches the graph asynchronously."""
+        if self.is_xla:
+            import torch_xla
+
+            torch_xla.sync()
+
+    def wait(self) -> None:
+        """Block until the device has finished all launched work (for honest timings)."""
+        if self.is_xla:
+            import torch_xla.core.xla_model as xm
+
+            xm.wait_device_ops()
+        elif self.kind == "cuda":
+            torch.cuda.synchronize()
+
+    def on_step_end(self, callback: Callable, tensors: Dict[str, torch.Tensor]) -> None:
+        """Call ``callback(values)`` with host copies of ``tensors`` once the step has run,
+        without making the host wait for the device (a step closure on XLA)."""
+        if self.is_xla:
+            import torch_xla.core.xla_model as xm
+
+            xm.add_step_closure(lambda: callback({k: v.item() for k, v in tensors.items()}))
+        else:
+            callback({k: v.item() for k, v in tensors.items()})
+
+    def autocast(self, precision: str):
+        if precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="xla" if self.is_xla else self.device.type, dtype=torch.bfloat16)
+
+    def compilations(self) -> Dict[str, float]:
+        """Graphs compiled so far in this process, and the seconds spent compiling them."""
+        if not self.is_xla:
+            return {"count": 0, "seconds": 0.0}
+        import torch_xla.debug.metrics as metrics
+
+        data = metrics.metric_data("CompileTime")
+        if data is None:
+            return {"count": 0, "seconds": 0.0}
+        return {"count": int(data[0]), "seconds": data[1] / 1e9}
+
+    def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+        """Batches on the device. On XLA a background thread transfers the next batches while
+        the device runs the current step (torch_xla's MpDeviceLoader)."""
+        if self.is_xla:
+            import torch_xla.distributed.parallel_loader as parallel_loader
+
+            return iter(parallel_loader.MpDeviceLoader(batches, self.device))
+        return ({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,72 @@
+"""The training step: forward, loss, backward, clipping and the optimizer update, traced as one
+graph. It returns device tensors only; nothing here waits for the device."""
+
+from typing import Callable, Dict
+
+import torch
+from torch import Tensor, nn
+
+from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule
+from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.ops import DetectionLoss
+
+
+def _no_reduction() -> None:
+    return None
+
+
+class TrainStep:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: DetectionLoss,
+        optimizer: SGD,
+        schedule: LearningRateSchedule,
+        anchors: Tensor,
+        runtime: Runtime,
+        precision: str = "fp32",
+        grad_clip_norm: float = 0.0,
+        reduce_gradients: Callable[[], None] = _no_reduction,
+    ):
+        self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
+        self.anchors = anchors
+        self.runtime = runtime
+        self.precision = precision
+        self.grad_clip_norm = grad_clip_norm
+        self.reduce_gradients = reduce_gradients
+        # The step counter lives on the device: the learning rate is computed from it inside
+        # the graph, so a changing rate never changes the graph.
+        self.step = torch.zeros((), dtype=torch.int64, device=runtime.device)
+
+    def __call__(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        # Fresh gradients every step (set_to_none) keep "grad is None" constant across steps.
+        self.model.zero_grad(set_to_none=True)
+        with self.runtime.autocast(self.precision):
+            outputs = self.model(self.model.normalize(batch["images"]))
+        losses = self.loss_fn(outputs, self.anchors, batch["boxes"], batch["labels"], batch["crowd"])
+        losses["loss"].backward()
+        self.reduce_gradients()
+        grad_norm = self._clip_gradients()
+        lr = self.schedule(self.step)
+        self.optimizer.step(lr)
+        self.step += 1
+        return {
+            "loss": losses["loss"].detach(),
+            "cls_loss": losses["cls_loss"].detach(),
+            "box_loss": losses["box_loss"].detach(),
+            "num_foreground": losses["num_foreground"].detach(),
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
+
+    @torch.no_grad()
+    def _clip_gradients(self) -> Tensor:
+        """Global gradient norm, and clipping to ``grad_clip_norm`` when set, on the device
+        (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging)."""
+        grads = [p.grad for p in self.optimizer.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self.grad_clip_norm > 0:
+            factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(factor.to(g.dtype))
+        return norm
