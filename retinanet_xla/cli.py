@@ -59,6 +59,29 @@ def train(
     typer.echo(json.dumps(result.summary, indent=2))
 
 
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="YAML config file; its model, input size and batch are used."),
+    steps: int = typer.Option(20, "--steps", min=2, help="Steps to run; the first one compiles."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Time the training step on synthetic batches (no dataset): compile time, step time, images/s."""
+    from retinanet_xla.engine.bench import benchmark
+
+    settings = load_config(config, overrides)
+    result = benchmark(settings, steps)
+    typer.echo(
+        f"{result['device']}: first step (compile) {result['first_step_seconds']:.1f} s, "
+        f"step {result['step_seconds'] * 1000:.1f} ms, {result['images_per_second']:.1f} images/s "
+        f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
+        f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up)"
+    )
+    if json_output:
+        json_output.parent.mkdir(parents=True, exist_ok=True)
+        json_output.write_text(json.dumps(result, indent=2) + "\n")
+
+
 app.add_typer(data_app, name="data")
 
 

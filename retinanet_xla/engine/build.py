@@ -2,12 +2,23 @@
 
 from pathlib import Path
 
-from retinanet_xla.config import Config
+from retinanet_xla.config import Config, ConfigError
+from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.engine.step import TrainStep
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import AnchorGenerator, AnchorMatcher, BoxCoder, DetectionLoss
 
 
 def build_model(config: Config) -> RetinaNet:
+    """Raises ConfigError (one line) for anything the model refuses, e.g. a wrong weights file."""
+    try:
+        return _build_model(config)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def _build_model(config: Config) -> RetinaNet:
     m = config.model
     anchors = AnchorGenerator(m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding)
     return RetinaNet(
@@ -40,3 +51,17 @@ def build_loss(config: Config) -> DetectionLoss:
         box_loss_weight=loss.box_loss_weight,
         normalizer_momentum=loss.normalizer_momentum,
     )
+
+
+def build_train_step(config: Config, runtime: Runtime) -> TrainStep:
+    """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
+    with a sync so that weights, buffers and optimizer state are device data before step 1 and
+    step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
+    model = build_model(config).to(runtime.device).train()
+    loss_fn = build_loss(config).to(runtime.device).train()
+    anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
+    optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
+    schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
+    step = TrainStep(model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm)
+    runtime.sync()
+    return step

@@ -37,11 +37,12 @@ def to_cpu(value: Any) -> Any:
 def versions() -> Dict[str, str]:
     from retinanet_xla import __version__
 
-    found = {"retinanet_xla": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
+    found = {"retinanet_xla": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
     try:
         import torchvision
 
-        found["torchvision"] = torchvision.__version__
+        found["torchvision"] = str(torchvision.__version__)
     except ImportError:  # pragma: no cover
         pass
     return found
@@ -76,7 +77,9 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, foreign pickle, anything weights_only refuses
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = [line for line in lines if "Unpickler error" in line] or lines or [type(error).__name__]
+        reason = detail[0]
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a retinanet-xla checkpoint")

@@ -17,12 +17,10 @@ from retinanet_xla.config import Config, ConfigError, save_config
 from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader, load_coco
 from retinanet_xla.data.coco import CocoDataset, DatasetError
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.engine.build import build_loss, build_model
+from retinanet_xla.engine.build import build_train_step
 from retinanet_xla.engine.checkpoint import save_checkpoint
 from retinanet_xla.engine.metrics_log import MetricsLog
-from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
 from retinanet_xla.engine.runtime import Runtime, Stopwatch
-from retinanet_xla.engine.step import TrainStep
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -88,26 +86,19 @@ def replica_batch_size(config: Config, world_size: int) -> int:
 
 def train(config: Config, output_dir: Path, console: Optional[Console] = None) -> TrainResult:
     output_dir = Path(output_dir)
-    if (config.runtime.num_devices or 1) != 1:
-        raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices}; this version trains on one device (set it to 1)")
-    world_size = 1
+    world_size = config.runtime.num_devices or 1
     batch_size = replica_batch_size(config, world_size)
+    if world_size != 1:
+        raise ConfigError(f"runtime.num_devices is {world_size}; this version trains on one device (set it to 1)")
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
     coco = dataset_split(config, "train", output_dir)
 
     runtime = Runtime(config.runtime.device)
-    model = build_model(config).to(runtime.device).train()
-    loss_fn = build_loss(config).to(runtime.device).train()
+    step_fn = build_train_step(config, runtime)
+    model, loss_fn, optimizer = step_fn.model, step_fn.loss_fn, step_fn.optimizer
     image_size = tuple(config.data.image_size)
-    anchors = model.anchors(image_size).to(runtime.device)
-    optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
-    schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
-    step_fn = TrainStep(model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm)
-    # Weights, buffers and optimizer state become device data now, so step 1 traces the same
-    # graph as every later step (see docs/architecture.md, "Scalar buffers").
-    runtime.sync()
 
     dataset = DetectionDataset(coco.records, coco.mapping, image_size, config.data.max_boxes, config.data.augmentation)
     sampler = TrainSampler(len(dataset), batch_size, world_size, 0, config.train.seed)

@@ -1,0 +1,103 @@
+"""torchvision's RetinaNet and ours, same backbone / FPN width / head depth / input / batch, on
+the same XLA device, timed over the same number of steps including compilation.
+
+torchvision's matcher, loss and post-processing produce data-dependent shapes, so on XLA it
+compiles a new graph nearly every step; ours compiles once. Usage (see `make bench`):
+
+    PJRT_DEVICE=CPU python benchmarks/torchvision_retinanet.py --config configs/smoke.yaml --steps 3
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch_xla
+import torch_xla.debug.metrics as metrics
+from torchvision.models import resnet
+from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from retinanet_xla.config import load_config
+from retinanet_xla.engine.bench import benchmark, synthetic_batches
+
+TORCHVISION_HEAD_CONVS = 4  # fixed in torchvision's RetinaNetHead
+
+
+def torchvision_model(config):
+    body = getattr(resnet, f"resnet{config.model.backbone.depth}")(weights=None)
+    channels = config.model.fpn_channels
+    in_channels = [c * (4 if config.model.backbone.depth >= 50 else 1) for c in (128, 256, 512)]
+    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels, LastLevelP6P7(channels, channels))
+    size = max(config.data.image_size)
+    return TorchvisionRetinaNet(backbone, config.model.num_classes, min_size=size, max_size=size)
+
+
+def time_torchvision(config, steps):
+    device = torch_xla.device()
+    model = torchvision_model(config).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = synthetic_batches(config, config.train.batch_size)
+    start_count = (metrics.metric_data("CompileTime") or [0])[0]
+    times = []
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        images = [(img.float() / 255).to(device) for img in batch["images"]]
+        targets = []
+        for boxes, labels in zip(batch["boxes"], batch["labels"]):
+            real = labels >= 0
+            targets.append({"boxes": boxes[real].to(device), "labels": labels[real].to(device)})
+        tick = time.perf_counter()
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        torch_xla.sync()
+        torch_xla.core.xla_model.wait_device_ops()
+        times.append(time.perf_counter() - tick)
+        print(f"torchvision step {step + 1}: {times[-1]:.1f} s", flush=True)
+    return {
+        "steps": steps,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "step_seconds": [round(t, 2) for t in times],
+        "compilations": (metrics.metric_data("CompileTime") or [0])[0] - start_count,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/smoke.yaml"))
+    parser.add_argument("--steps", type=int, default=3, help="torchvision steps (each ~1-2 min on a 2-core CPU)")
+    parser.add_argument("--ours-steps", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    config = load_config(args.config, [f"model.head.convs={TORCHVISION_HEAD_CONVS}", "runtime.device=xla", "train.precision=fp32"])
+
+    ours = benchmark(config, args.ours_steps)
+    ours_wall = ours["first_step_seconds"] + ours["step_seconds"] * (args.ours_steps - 1)
+    theirs = time_torchvision(config, args.steps)
+    theirs_per_step = theirs["wall_seconds"] / args.steps
+    result = {
+        "config": str(args.config),
+        "image_size": ours["image_size"],
+        "batch_size": ours["batch_size"],
+        "head_convs": TORCHVISION_HEAD_CONVS,
+        "ours": {**ours, "wall_seconds_for_steps": round(ours_wall, 2)},
+        "torchvision": theirs,
+        "ratio_at_equal_steps": round(theirs_per_step * args.ours_steps / ours_wall, 1),
+    }
+    print(
+        f"ours: {args.ours_steps} steps in {ours_wall:.1f} s ({ours['compilations_total']} compilations); "
+        f"torchvision: {theirs_per_step:.1f} s per step ({theirs['compilations']} compilations in {args.steps} steps); "
+        f"{args.ours_steps} torchvision steps would take {result['ratio_at_equal_steps']}x longer"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+
+from retinanet_xla.config import Config, ConfigError, all_keys, load_config
+from tests.cli_helpers import run_cli
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_the_reference_recipe():
+    config = load_config()
+    assert config.data.image_size == [640, 640]
+    assert config.model.backbone.depth == 50 and config.model.anchors.offset == 0.5
+    assert config.model.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
+    assert (config.loss.focal_alpha, config.loss.focal_gamma, config.loss.box_loss_beta) == (0.25, 1.5, 0.1)
+    assert config.train.schedule.decay_steps == [53440, 62820]
+
+
+def test_overrides_convert_types_and_extends_merges(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {steps: 10, batch_size: 4}\nmodel: {backbone: {depth: 18}}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrain: {steps: 20}\n")
+    config = load_config(child, ["data.image_size=[512,256]", "train.schedule.base_lr=1e-3", "data.train.annotations=a.json"])
+    assert config.train.steps == 20 and config.train.batch_size == 4 and config.model.backbone.depth == 18
+    assert config.data.image_size == [512, 256] and config.train.schedule.base_lr == 0.001
+    assert config.data.train.annotations == "a.json"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_public_key_names_exist():
+    public = """data.train.annotations data.train.images data.val.annotations data.val.images data.image_size
+    data.max_boxes data.label_mapping model.num_classes model.backbone.depth train.batch_size train.steps
+    train.log_every train.checkpoint_every train.eval_every train.precision train.output_dir runtime.device
+    runtime.num_devices""".split()
+    assert set(public) <= set(all_keys())
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+CASES = [
+    # (file text or None for no file, overrides, expected stderr line after "error: {where}")
+    ("train: {stepz: 3}\n", [], "unknown config key 'train.stepz'; did you mean 'train.steps'?"),
+    ("", ["model.num_clases=3"], "unknown config key 'model.num_clases'; did you mean 'model.num_classes'?"),
+    ("", ["train.steps=abc"], "train.steps must be an integer, got 'abc'"),
+    ("", ["data.image_size=640"], "data.image_size must be a list of an integer, got 640"),
+    ("", ["train.precision=fp16"], "train.precision must be one of bf16, fp32, got 'fp16'"),
+    ("", ["train.batch_size=0"], "train.batch_size must be > 0, got 0"),
+    ("", ["data.augmentation.scale_min=3"], "data.augmentation: scale jitter needs 0 < scale_min <= scale_max, got [3.0, 2.0]"),
+    ("train: [1, 2\n", [], "not valid YAML at line 2"),
+    ("extends: missing.yaml\n", [], "config file does not exist"),
+]
+
+
+@pytest.mark.parametrize("text,overrides,message", CASES)
+def test_config_mistakes_give_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, text, overrides, message):
+    path = write(tmp_path, text)
+    args = ["train", path] + [a for o in overrides for a in ("--set", o)]
+    result = run_cli(capsys, monkeypatch, *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: config file does not exist"
+
+
+def test_set_without_equals(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.steps")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --set train.steps: expected key=value"
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.batch_size=3", "--set", "runtime.num_devices=2")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: train.batch_size 3 is not divisible by the 2 replicas"
+
+
+def test_missing_dataset_and_too_few_classes(tmp_path, capsys, monkeypatch):
+    config = write(tmp_path, f"train: {{output_dir: {tmp_path / 'out'}}}\n")
+    missing = run_cli(capsys, monkeypatch, "train", config, "--set", f"data.train.annotations={tmp_path / 'a.json'}", "--set", f"data.train.images={tmp_path}")
+    assert missing.exit_code == 2 and missing.stderr.strip() == f"error: {tmp_path / 'a.json'}: annotation file does not exist"
+    few = run_cli(capsys, monkeypatch, "train", CONFIGS / "smoke.yaml", "--set", "model.num_classes=2", "--output", tmp_path / "few")
+    assert few.exit_code == 2
+    assert few.stderr.strip().startswith("error: model.num_classes is 2 but") and "needs 4 with data.label_mapping contiguous" in few.stderr
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_configuration_doc_lists_every_key_with_its_default():
+    text = (CONFIGS.parent / "docs" / "configuration.md").read_text()
+    defaults = load_config().to_dict()
+    for key in all_keys():
+        assert f"`{key}`" in text, f"docs/configuration.md does not document {key}"
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        row = next(line for line in text.splitlines() if line.startswith((f"| `{key}`", f"| **`{key}`**")))
+        if isinstance(value, (bool, type(None))):
+            assert f"`{str(value).lower() if value is not None else 'null'}`" in row, row
+        elif isinstance(value, (int, float, str)):
+            spellings = {f"`{value}`"} | ({f"`{value:g}`"} if isinstance(value, float) else set())
+            assert any(s in row for s in spellings), row

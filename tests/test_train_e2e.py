@@ -1,0 +1,89 @@
+"""End to end through the real CLI on the CPU XLA device: a tiny model, a few steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinanet_xla.config import config_from_dict
+from retinanet_xla.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.xla
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "retinanet-xla"
+TINY = [
+    "data.image_size=[64,64]",
+    "data.max_boxes=4",
+    "data.num_workers=1",
+    "data.synthetic.train_images=24",
+    "data.synthetic.seed=2",
+    "model.fpn_channels=32",
+    "model.head.convs=1",
+    "train.batch_size=4",
+    "train.steps=12",
+    "train.log_every=4",
+    "train.checkpoint_every=6",
+]
+
+
+def run_train(output: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]
+    for override in (*TINY, *extra):
+        args += ["--set", override]
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("train")
+    result = run_train(output)
+    return output, result
+
+
+def test_training_run_succeeds_without_recompiling(trained):
+    output, result = trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["images"] == 48
+    assert summary["compilations_after_warmup"] == 0
+    assert 1 <= summary["compilations_total"] <= 3
+    assert summary["images_per_second"] > 0 and summary["wall_seconds"] > summary["first_step_seconds"] > 0
+    assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert "WARNING" not in result.stderr
+
+
+def test_the_data_had_varied_sizes_and_empty_images(trained):
+    output, _ = trained
+    data = json.loads((output / "synthetic" / "annotations" / "instances_train.json").read_text())
+    counts = {image["id"]: 0 for image in data["images"]}
+    for annotation in data["annotations"]:
+        counts[annotation["image_id"]] += 1
+    assert 0 in counts.values() and max(counts.values()) >= 4
+    assert len({(image["width"], image["height"]) for image in data["images"]}) > 10
+
+
+def test_outputs_checkpoints_and_logs(trained):
+    output, _ = trained
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000006.pt", "step_00000012.pt"]
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 4, 8, 12]
+    assert all({"loss", "cls_loss", "box_loss", "lr", "grad_norm"} <= set(line) for line in lines)
+    assert any((output / "tensorboard").iterdir())
+    assert "train:" in (output / "config.yaml").read_text()
+
+    checkpoint = load_checkpoint(output / "checkpoints" / "step_00000012.pt")
+    assert checkpoint["step"] == 12
+    config = config_from_dict(checkpoint["config"])
+    assert config.train.steps == 12 and config.data.image_size == [64, 64]
+    assert checkpoint["category_mapping"]["category_ids"] == [1, 2, 3, 4]
+    earlier = load_checkpoint(output / "checkpoints" / "step_00000006.pt")
+    weight = "head.classification_head.cls_logits.weight"
+    assert not torch.equal(checkpoint["model"][weight], earlier["model"][weight])  # it trained
+    assert len(checkpoint["optimizer"]["momentum_buffers"]) > 0
