@@ -82,6 +82,32 @@ def bench(
         json_output.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."),
+) -> None:
+    """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from retinanet_xla.engine.evaluation_run import evaluate_checkpoint
+
+    if (data is None) != (images is None):
+        raise ConfigError("--data and --images go together")
+    result, output_dir = evaluate_checkpoint(checkpoint, overrides, data, images, output)
+    for line in result["summary"]:
+        typer.echo(line)
+    table = Table("category", "AP", title="AP per category")
+    for name, value in result["metrics"]["per_category_AP"].items():
+        table.add_row(name, f"{value:.3f}" if value >= 0 else "n/a")
+    Console().print(table)
+    typer.echo(f"wrote {output_dir / 'detections.json'} and {output_dir / 'metrics.json'}")
+
+
 app.add_typer(data_app, name="data")
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from retinanet_xla.data.transforms import Augmentation
+from retinanet_xla.ops.postprocess import PostprocessConfig
 
 
 class ConfigError(ValueError):
@@ -135,6 +136,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig(PostprocessConfig):
+    """Post-processing knobs (defaults: the reference recipe) plus the evaluation batch."""
+
+    batch_size: int = 8  # global evaluation batch; the last one is padded, never dropped
+
+
+@dataclass
 class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
     num_devices: Optional[int] = None  # replicas; unset = every local XLA device
@@ -146,6 +154,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -313,6 +322,10 @@ def _check_values(config: Config, where: str) -> None:
         "model.num_classes": config.model.num_classes,
         "model.fpn_channels": config.model.fpn_channels,
         "train.schedule.base_lr": config.train.schedule.base_lr,
+        "eval.batch_size": config.eval.batch_size,
+        "eval.pre_nms_top_k": config.eval.pre_nms_top_k,
+        "eval.max_detections": config.eval.max_detections,
+        "eval.max_detections_per_class": config.eval.max_detections_per_class,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -328,10 +341,10 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.schedule.decay_steps must be increasing, got {config.train.schedule.decay_steps}")
 
 
-def load_config(path: Optional[Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """The defaults, then the file (with its ``extends`` chain), then each ``--set`` override."""
-    data: Dict[str, Any] = {}
-    where = "defaults"
+def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults") -> Config:
+    """The defaults, then the file (with its ``extends`` chain) or a stored ``base`` mapping
+    (a checkpoint's config), then each ``--set`` override."""
+    data: Dict[str, Any] = dict(base or {})
     if path is not None:
         data = _read_yaml(Path(path))
         where = str(path)

@@ -1,0 +1,1 @@
+"""COCO evaluation: running the model over a split and scoring with pycocotools."""

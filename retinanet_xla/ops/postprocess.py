@@ -1,0 +1,71 @@
+"""Detections from raw head outputs, in two halves.
+
+On the device, with static shapes: sigmoid scores, one top-k over every (anchor, class) pair
+(``pre_nms_top_k``), decoding of the chosen boxes and clipping to each image's content.
+On the host, once per batch, on those few candidates only: score threshold, per-class NMS,
+per-class and per-image caps. NMS output sizes depend on the data, which is why it stays off
+the device (the export issue moves a fixed-size NMS into the graph).
+"""
+
+from dataclasses import dataclass
+from typing import List, NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from retinanet_xla.ops.box_coder import BoxCoder
+
+
+class Candidates(NamedTuple):
+    boxes: Tensor  # [B, K, 4] in input-canvas pixels, clipped to the image content
+    scores: Tensor  # [B, K] sigmoid probabilities, descending
+    labels: Tensor  # [B, K] int64
+
+
+class Detections(NamedTuple):
+    boxes: Tensor  # [N, 4]
+    scores: Tensor  # [N]
+    labels: Tensor  # [N]
+
+
+@dataclass
+class PostprocessConfig:
+    pre_nms_top_k: int = 5000
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections_per_class: int = 100
+    max_detections: int = 100
+
+
+def select_candidates(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, box_coder: BoxCoder, top_k: int, content_size: Tensor) -> Candidates:
+    """cls_logits [B, A, C], bbox_regression [B, A, 4], anchors [A, 4]; ``content_size`` [B, 2]
+    (height, width) of the real image inside the padded canvas. Static shapes throughout."""
+    batch, num_anchors, num_classes = cls_logits.shape
+    k = min(top_k, num_anchors * num_classes)
+    scores, flat_index = torch.sigmoid(cls_logits.float()).reshape(batch, -1).topk(k, dim=1)
+    anchor_index = flat_index // num_classes
+    labels = flat_index % num_classes
+    deltas = bbox_regression.float().gather(1, anchor_index[..., None].expand(-1, -1, 4))
+    boxes = box_coder.decode(deltas, anchors[anchor_index])
+    limits = content_size.flip(-1).to(boxes.dtype).repeat(1, 2)[:, None, :]  # [B, 1, 4]: w, h, w, h
+    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    return Candidates(boxes, scores, labels)
+
+
+def filter_detections(candidates: Candidates, config: PostprocessConfig) -> List[Detections]:
+    """Host half: per image, threshold, per-class NMS and the per-class and per-image caps."""
+    results = []
+    for boxes, scores, labels in zip(*(t.cpu() for t in candidates)):
+        keep = scores >= config.score_threshold
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        wide = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores, labels = boxes[wide], scores[wide], labels[wide]
+        keep = batched_nms(boxes, scores, labels, config.nms_iou)  # sorted by score
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        # Rank of each detection within its class (inputs are sorted by score).
+        same_class_before = (labels[:, None] == labels[None, :]).tril(-1).sum(dim=1)
+        keep = same_class_before < config.max_detections_per_class
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        results.append(Detections(boxes[: config.max_detections], scores[: config.max_detections], labels[: config.max_detections]))
+    return results
