@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not xla"
 
+# Train the smoke model on the synthetic dataset on CPU XLA, then evaluate it (about 10 minutes
+# on a 2-core CPU after the one-time install).
+demo: $(STAMP)
+	rm -rf runs/demo
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla train configs/smoke.yaml --output runs/demo
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla eval runs/demo
+
 # Benchmarks; record the results in docs/performance.md with the machine and date.
 bench: $(STAMP)
 	$(BIN)/retinanet-xla data bench --image-size 640 --images 200
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --json runs/bench/smoke-xla.json
+	$(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --set runtime.device=cpu --json runs/bench/smoke-eager-cpu.json
+	PJRT_DEVICE=CPU $(BIN)/python benchmarks/torchvision_retinanet.py --config configs/smoke.yaml --steps 3 --json runs/bench/torchvision-vs-ours.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -84,7 +84,7 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train, or a run directory (its newest checkpoint)."),
     data: Optional[Path] = typer.Option(None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),

@@ -22,6 +22,9 @@ TINY = [
     "data.num_workers=1",
     "data.synthetic.train_images=24",
     "data.synthetic.seed=2",
+    "data.synthetic.val_images=7",
+    "eval.batch_size=4",
+    "train.eval_every=6",
     "model.fpn_channels=32",
     "model.head.convs=1",
     "train.batch_size=4",
@@ -71,10 +74,17 @@ def test_the_data_had_varied_sizes_and_empty_images(trained):
 def test_outputs_checkpoints_and_logs(trained):
     output, _ = trained
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
-    assert checkpoints == ["step_00000006.pt", "step_00000012.pt"]
+    assert checkpoints == ["best.pt", "step_00000006.pt", "step_00000012.pt"]
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 4, 8, 12]
-    assert all({"loss", "cls_loss", "box_loss", "lr", "grad_norm"} <= set(line) for line in lines)
+    train_lines = [line for line in lines if "eval" not in line]
+    eval_lines = [line for line in lines if "eval" in line]
+    assert [line["step"] for line in train_lines] == [1, 4, 8, 12]
+    assert all({"loss", "cls_loss", "box_loss", "lr", "grad_norm"} <= set(line) for line in train_lines)
+    assert [line["step"] for line in eval_lines] == [6, 12]
+    assert all(0.0 <= line["eval"]["AP50"] <= 1.0 for line in eval_lines)
+    best = load_checkpoint(output / "checkpoints" / "best.pt")
+    best_step = max(eval_lines, key=lambda line: line["eval"]["AP"])["step"]
+    assert best["step"] == best_step
     assert any((output / "tensorboard").iterdir())
     assert "train:" in (output / "config.yaml").read_text()
 
@@ -87,3 +97,36 @@ def test_outputs_checkpoints_and_logs(trained):
     weight = "head.classification_head.cls_logits.weight"
     assert not torch.equal(checkpoint["model"][weight], earlier["model"][weight])  # it trained
     assert len(checkpoint["optimizer"]["momentum_buffers"]) > 0
+
+
+def test_eval_command_metrics_equal_pycocotools_and_cover_every_image_once(trained, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    output, _ = trained
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    args = [str(SCRIPT), "eval", str(output / "checkpoints" / "step_00000012.pt"), "--output", str(tmp_path), "--set", "eval.score_threshold=0.0"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if line.startswith(" Average")]
+    assert len(summary) == 12
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    detections = json.loads((tmp_path / "detections.json").read_text())
+
+    annotations = output / "synthetic" / "annotations" / "instances_val.json"
+    gt = COCO(str(annotations))
+    evaluator = COCOeval(gt, gt.loadRes(str(tmp_path / "detections.json")), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    for name, value in zip(names, evaluator.stats):
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name
+    assert summary[0].endswith(f"= {evaluator.stats[0]:0.3f}")
+
+    # 7 images in batches of 4: the last batch is padded; no image dropped or counted twice.
+    per_image = {}
+    for detection in detections:
+        per_image[detection["image_id"]] = per_image.get(detection["image_id"], 0) + 1
+    assert sorted(per_image) == sorted(gt.getImgIds()) and metrics["images"] == 7
+    assert set(per_image.values()) == {100}  # eval.max_detections, not twice that

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from retinanet_xla.config import ConfigError, load_config
 from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.engine.build import build_model
-from retinanet_xla.engine.checkpoint import load_checkpoint
+from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.engine.trainer import dataset_split
 from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
@@ -16,6 +16,7 @@ from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 def evaluate_checkpoint(
     checkpoint: Path, overrides: Sequence[str] = (), annotations: Optional[Path] = None, images: Optional[Path] = None, output: Optional[Path] = None
 ) -> Tuple[Dict, Path]:
+    checkpoint = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(checkpoint)
     extra = [f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else []
     config = load_config(base=payload["config"], overrides=[*overrides, *extra], where=str(checkpoint))

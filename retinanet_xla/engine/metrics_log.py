@@ -43,6 +43,13 @@ class MetricsLog:
             status += f"  {values['images_per_second']:.1f} img/s"
         self.progress.update(self.task, completed=step, status=status)
 
+    def write_eval(self, step: int, metrics: Dict[str, float]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        self.jsonl.write(json.dumps({"step": step, "eval": scalars}) + "\n")
+        for key, value in scalars.items():
+            self.tensorboard.add_scalar(f"eval/{key}", value, step)
+        self.message(f"step {step}: eval AP {scalars['AP']:.3f}  AP50 {scalars['AP50']:.3f}  AP75 {scalars['AP75']:.3f}")
+
     def message(self, text: str) -> None:
         self.progress.console.print(text)
 

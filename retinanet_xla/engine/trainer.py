@@ -105,15 +105,34 @@ def train(config: Config, output_dir: Path, console: Optional[Console] = None) -
     counters = BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
     batches = runtime.device_batches(counters)
 
+    evaluator = None
+    if config.train.eval_every > 0:
+        from retinanet_xla.evaluation.evaluator import Evaluator
+
+        val = dataset_split(config, "val", output_dir)
+        val.mapping = coco.mapping  # detections are written with the training set's ids
+        evaluator = Evaluator(config, val, runtime, show_progress=False)
+    best_ap = float("-inf")
+
+    def payload(step: int) -> Dict:
+        return {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "config": config.to_dict(),
+            "category_mapping": coco.mapping.to_dict(),
+        }
+
     log = MetricsLog(output_dir, config.train.steps, console=console)
     log.message(
         f"training {config.train.steps} steps, batch {config.train.batch_size}, {len(dataset)} images, "
         f"{config.data.image_size[0]}x{config.data.image_size[1]}, on {runtime.device} -> {output_dir}"
     )
-    state = {"first_loss": None, "last_loss": None, "diverged": None, "window_start": None}
+    state = {"first_loss": None, "last_loss": None, "diverged": None, "window_start": None, "eval": None}
     clock = Stopwatch()
     warm_clock = None
-    compiled_at_warmup = None
+    warmup_compilations = 0
     checkpoint_path = None
     compile_seconds_first_step = 0.0
 
@@ -142,12 +161,12 @@ def train(config: Config, output_dir: Path, console: Optional[Console] = None) -
             runtime.sync()
             if step == 1:
                 runtime.wait()
-                compiled_at_warmup = runtime.compilations()
+                warmup_compilations = runtime.compilations()["count"]
                 compile_seconds_first_step = clock.seconds()
                 warm_clock = Stopwatch()
-                log.message(f"step 1 done in {compile_seconds_first_step:.1f} s ({compiled_at_warmup['count']} graphs compiled)")
+                log.message(f"step 1 done in {compile_seconds_first_step:.1f} s ({warmup_compilations} graphs compiled)")
             elif step % config.train.log_every == 0 or is_last:
-                new = runtime.compilations()["count"] - compiled_at_warmup["count"]
+                new = runtime.compilations()["count"] - warmup_compilations
                 if new:
                     logger.warning("%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step)
             if state["diverged"] is not None:
@@ -157,17 +176,17 @@ def train(config: Config, output_dir: Path, console: Optional[Console] = None) -
             log.advance(step)
             if step % config.train.checkpoint_every == 0 or is_last:
                 checkpoint_path = output_dir / "checkpoints" / f"step_{step:08d}.pt"
-                save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "loss": loss_fn.state_dict(),
-                        "config": config.to_dict(),
-                        "category_mapping": coco.mapping.to_dict(),
-                    },
-                )
+                save_checkpoint(checkpoint_path, payload(step))
+            if evaluator is not None and (step % config.train.eval_every == 0 or is_last):
+                before = runtime.compilations()["count"]
+                metrics = evaluator.evaluate(model)["metrics"]
+                if state["eval"] is None:  # the first evaluation compiles the eval graph: warm-up too
+                    warmup_compilations += runtime.compilations()["count"] - before
+                log.write_eval(step, metrics)
+                state["eval"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+                if metrics["AP"] > best_ap:
+                    best_ap = metrics["AP"]
+                    save_checkpoint(output_dir / "checkpoints" / "best.pt", payload(step))
         runtime.wait()
     finally:
         log.close()
@@ -182,7 +201,7 @@ def train(config: Config, output_dir: Path, console: Optional[Console] = None) -
         "first_step_seconds": round(compile_seconds_first_step, 3),
         "images_per_second": round(warm_steps * config.train.batch_size / warm_seconds, 3) if warm_steps and warm_seconds else None,
         "compilations_total": compiled["count"],
-        "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
+        "compilations_after_warmup": compiled["count"] - warmup_compilations,
         "compile_seconds": round(compiled["seconds"], 3),
         "first_loss": state["first_loss"],
         "final_loss": state["last_loss"],
@@ -190,6 +209,7 @@ def train(config: Config, output_dir: Path, console: Optional[Console] = None) -
         "unreadable_images": counters.unreadable,
         "device": str(runtime.device),
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "eval": state["eval"],
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if summary["compilations_after_warmup"]:

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from retinanet_xla.config import load_config
+from retinanet_xla.data import load_coco
+from retinanet_xla.data.synthetic import write_synthetic_dataset
+from retinanet_xla.evaluation.coco_metrics import STAT_NAMES, evaluate_detections, ground_truth, ground_truth_as_detections
+from retinanet_xla.ops import BoxCoder
+from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, select_candidates
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=4, num_val=20, seed=9)
+
+
+def test_ground_truth_fed_back_gives_ap_1(synthetic):
+    gt = ground_truth(synthetic["val"]["annotations"])
+    result = evaluate_detections(gt, ground_truth_as_detections(gt))
+    for name in ("AP", "AP50", "AP75", "AR100"):
+        assert result["metrics"][name] == pytest.approx(1.0)
+    assert len(result["summary"]) == 12 and result["summary"][0].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95")
+    assert all(v == pytest.approx(1.0) for v in result["metrics"]["per_category_AP"].values())
+
+
+def test_empty_and_shifted_detections(synthetic):
+    gt = ground_truth(synthetic["val"]["annotations"])
+    assert evaluate_detections(gt, [])["metrics"]["AP"] == 0.0
+    shifted = ground_truth_as_detections(gt)
+    for detection in shifted:
+        x, y, w, h = detection["bbox"]
+        detection["bbox"] = [x + w * 0.6, y, w, h]  # IoU 0.25 with its box: a miss at 0.5
+    assert evaluate_detections(gt, shifted)["metrics"]["AP50"] < 0.05
+
+
+def reference_postprocess(cls_logits, bbox_regression, anchors, weights, image_size, config):
+    """torchvision's RetinaNet post-processing, over all anchors at once (no per-level split)."""
+    coder = TorchvisionBoxCoder(weights)
+    results = []
+    for logits, regression in zip(cls_logits, bbox_regression):
+        num_classes = logits.shape[-1]
+        scores = torch.sigmoid(logits).flatten()
+        keep = scores > config.score_threshold
+        scores, indices = scores[keep], torch.nonzero(keep).flatten()
+        scores, order = scores.topk(min(config.pre_nms_top_k, scores.numel()))
+        indices = indices[order]
+        anchor_index, labels = indices // num_classes, indices % num_classes
+        boxes = coder.decode_single(regression[anchor_index], anchors[anchor_index])
+        boxes = clip_boxes_to_image(boxes, image_size)
+        keep = batched_nms(boxes, scores, labels, config.nms_iou)[: config.max_detections]
+        results.append(Detections(boxes[keep], scores[keep], labels[keep]))
+    return results
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_equals_torchvision_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_anchors, num_classes = 300, 5
+    xy = torch.rand(num_anchors, 2, generator=generator) * 80
+    anchors = torch.cat([xy, xy + 8 + torch.rand(num_anchors, 2, generator=generator) * 40], dim=1)
+    cls_logits = torch.randn(2, num_anchors, num_classes, generator=generator) * 2 - 2
+    bbox_regression = torch.randn(2, num_anchors, 4, generator=generator) * 0.5
+    weights = (10.0, 10.0, 5.0, 5.0)
+    config = PostprocessConfig(pre_nms_top_k=num_anchors * num_classes, score_threshold=0.05, nms_iou=0.5, max_detections_per_class=1000, max_detections=50)
+    content = torch.tensor([[100, 100], [100, 100]])
+    ours = filter_detections(select_candidates(cls_logits, bbox_regression, anchors, BoxCoder(weights), config.pre_nms_top_k, content), config)
+    expected = reference_postprocess(cls_logits, bbox_regression, anchors, weights, (100, 100), config)
+    for a, b in zip(ours, expected):
+        assert len(a.boxes) == len(b.boxes) > 0
+        torch.testing.assert_close(a.scores, b.scores)
+        torch.testing.assert_close(a.labels, b.labels)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-5, atol=1e-4)
+
+
+def test_per_class_cap_and_content_clipping():
+    anchors = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 0, 110, 10], [0, 100, 10, 110]])
+    cls_logits = torch.full((1, 4, 2), -10.0)
+    cls_logits[0, :, 0] = torch.tensor([3.0, 2.0, 1.0, 0.5])  # four class-0 boxes, no overlaps
+    config = PostprocessConfig(pre_nms_top_k=8, score_threshold=0.05, nms_iou=0.5, max_detections_per_class=2, max_detections=10)
+    content = torch.tensor([[80, 105]])  # height 80, width 105: the content stops before some anchors
+    candidates = select_candidates(cls_logits, torch.zeros(1, 4, 4), anchors, BoxCoder(), 8, content)
+    assert candidates.boxes.shape == (1, 8, 4)
+    assert candidates.boxes[..., 2].max() <= 105 and candidates.boxes[..., 3].max() <= 80
+    (found,) = filter_detections(candidates, config)
+    assert found.labels.tolist() == [0, 0]
+    torch.testing.assert_close(found.boxes, anchors[:2])
+
+
+def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
+    from retinanet_xla.evaluation.evaluator import Evaluator
+
+    config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2"])
+    coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
+
+    class Host:
+        device = torch.device("cpu")
+
+    evaluator = Evaluator(config, coco, Host(), show_progress=False)
+    record = coco.records[0]
+    scale = min(64 / record.height, 64 / record.width)
+    original = np.array([[10.0, 20.0, 50.0, 60.0]])
+    batch = {
+        "valid": torch.tensor([True, False]),
+        "original_size": torch.tensor([[record.height, record.width], [0, 0]]),
+        "scale": torch.tensor([scale, 0.0]),
+        "image_id": torch.tensor([record.image_id, -1]),
+    }
+    found = Detections(torch.tensor(original * scale, dtype=torch.float32), torch.tensor([0.9]), torch.tensor([3]))
+    (detection,) = evaluator._to_coco([found, found], batch)  # the padding entry is dropped
+    assert detection["image_id"] == record.image_id and detection["category_id"] == 4  # label 3 -> id 4
+    np.testing.assert_allclose(detection["bbox"], [10, 20, 40, 40], atol=0.02)
+
