@@ -108,6 +108,26 @@ def evaluate(
     typer.echo(f"wrote {output_dir / 'detections.json'} and {output_dir / 'metrics.json'}")
 
 
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
+    inputs: List[Path] = typer.Argument(..., help="Images, or directories of JPEG/PNG images."),
+    output: Path = typer.Option(..., "--output", help="Directory for the drawn PNGs and detections.json."),
+    score_threshold: float = typer.Option(0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Draw detections on images (PNG) and write them all to one JSON file."""
+    from retinanet_xla.engine.inference import load_for_inference
+    from retinanet_xla.evaluation.predict import predict as run_predict
+
+    loaded = load_for_inference(checkpoint, overrides)
+    try:
+        json_path = run_predict(loaded, inputs, output, score_threshold)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    typer.echo(f"wrote {json_path}")
+
+
 app.add_typer(data_app, name="data")
 
 

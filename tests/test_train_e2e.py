@@ -130,3 +130,23 @@ def test_eval_command_metrics_equal_pycocotools_and_cover_every_image_once(train
         per_image[detection["image_id"]] = per_image.get(detection["image_id"], 0) + 1
     assert sorted(per_image) == sorted(gt.getImgIds()) and metrics["images"] == 7
     assert set(per_image.values()) == {100}  # eval.max_detections, not twice that
+
+
+def test_predict_draws_and_writes_detections(trained, tmp_path):
+    output, _ = trained
+    val = output / "synthetic" / "val"
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    args = [str(SCRIPT), "predict", str(output), str(val / "000001.jpg"), str(val), "--output", str(tmp_path / "pred"), "--score-threshold", "0.0"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(written["images"]) == 1 + 7  # the file, then the directory's 7 images
+    for entry in written["images"]:
+        assert (tmp_path / "pred" / (Path(entry["file"]).stem + ".png")).is_file()
+        assert 0 < len(entry["detections"]) <= 100
+        for detection in entry["detections"]:
+            x, y, w, h = detection["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= entry["width"] + 1e-3 and y + h <= entry["height"] + 1e-3
+            assert detection["category_name"] in {"rectangle", "ellipse", "triangle", "cross"}
+    missing = subprocess.run([str(SCRIPT), "predict", str(output), str(tmp_path / "nope.jpg"), "--output", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such image or directory"

@@ -4,11 +4,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from retinanet_xla.config import ConfigError, load_config
-from retinanet_xla.data.coco import CategoryMapping
-from retinanet_xla.engine.build import build_model
-from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
-from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.config import ConfigError
+from retinanet_xla.engine.inference import load_for_inference
 from retinanet_xla.engine.trainer import dataset_split
 from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 
@@ -16,29 +13,18 @@ from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 def evaluate_checkpoint(
     checkpoint: Path, overrides: Sequence[str] = (), annotations: Optional[Path] = None, images: Optional[Path] = None, output: Optional[Path] = None
 ) -> Tuple[Dict, Path]:
-    checkpoint = resolve_checkpoint(checkpoint)
-    payload = load_checkpoint(checkpoint)
     extra = [f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else []
-    config = load_config(base=payload["config"], overrides=[*overrides, *extra], where=str(checkpoint))
-    # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
-    config.model.backbone.weights = None
-    run_dir = checkpoint.parent.parent
-    coco = dataset_split(config, "val", run_dir)
-    trained_mapping = CategoryMapping.from_dict(payload["category_mapping"])
-    unknown = sorted(set(coco.mapping.category_ids) - set(trained_mapping.category_ids))
+    loaded = load_for_inference(checkpoint, [*overrides, *extra])
+    coco = dataset_split(loaded.config, "val", loaded.checkpoint.parent.parent)
+    unknown = sorted(set(coco.mapping.category_ids) - set(loaded.mapping.category_ids))
     if unknown:
-        raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {checkpoint}")
-    coco.mapping = trained_mapping
+        raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {loaded.checkpoint}")
+    coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
+    result = Evaluator(loaded.config, coco, loaded.runtime).evaluate(loaded.model)
 
-    runtime = Runtime(config.runtime.device)
-    model = build_model(config)
-    model.load_state_dict(payload["model"])
-    model.to(runtime.device).eval()
-    result = Evaluator(config, coco, runtime).evaluate(model)
-
-    output_dir = Path(output) if output else default_eval_dir(Path(checkpoint))
+    output_dir = Path(output) if output else default_eval_dir(loaded.checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "detections.json").write_text(json.dumps(result["detections"]))
-    metrics = {**result["metrics"], "checkpoint": str(checkpoint), "step": payload["step"], "images": len(coco.records)}
+    metrics = {**result["metrics"], "checkpoint": str(loaded.checkpoint), "step": loaded.step, "images": len(coco.records)}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return result, output_dir

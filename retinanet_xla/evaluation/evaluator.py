@@ -14,7 +14,7 @@ from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Candidates, filter_detections, select_candidates
+from retinanet_xla.ops.postprocess import Candidates, filter_detections, select_candidates, to_original_pixels
 
 
 class Evaluator:
@@ -66,9 +66,7 @@ class Evaluator:
             if not bool(batch["valid"][image]):
                 continue
             height, width = batch["original_size"][image].tolist()
-            boxes = found.boxes / batch["scale"][image]
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            boxes = to_original_pixels(found.boxes, float(batch["scale"][image]), height, width)
             category_ids = self.coco.mapping.to_category_ids(found.labels.numpy())
             for box, score, category_id in zip(boxes.tolist(), found.scores.tolist(), category_ids.tolist()):
                 x1, y1, x2, y2 = box

@@ -69,3 +69,11 @@ def filter_detections(candidates: Candidates, config: PostprocessConfig) -> List
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         results.append(Detections(boxes[: config.max_detections], scores[: config.max_detections], labels[: config.max_detections]))
     return results
+
+
+def to_original_pixels(boxes: Tensor, scale: float, height: int, width: int) -> Tensor:
+    """Undo the letterbox: canvas pixels -> the original image's pixels, clipped to it."""
+    boxes = boxes / scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes

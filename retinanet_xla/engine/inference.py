@@ -1,0 +1,37 @@
+"""A trained model ready for inference, from a checkpoint file or run directory."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from retinanet_xla.config import Config, load_config
+from retinanet_xla.data.coco import CategoryMapping
+from retinanet_xla.engine.build import build_model
+from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.models import RetinaNet
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Path
+    step: int
+    config: Config
+    mapping: CategoryMapping
+    runtime: Runtime
+    model: RetinaNet
+
+
+def load_for_inference(checkpoint: Path, overrides: Sequence[str] = ()) -> LoadedModel:
+    """The checkpoint's config (with ``overrides``), its weights on the configured device, in
+    eval mode, and the category mapping it was trained with."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint)
+    config = load_config(base=payload["config"], overrides=overrides, where=str(checkpoint))
+    # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
+    config.model.backbone.weights = None
+    runtime = Runtime(config.runtime.device)
+    model = build_model(config)
+    model.load_state_dict(payload["model"])
+    model.to(runtime.device).eval()
+    return LoadedModel(checkpoint, payload["step"], config, CategoryMapping.from_dict(payload["category_mapping"]), runtime, model)

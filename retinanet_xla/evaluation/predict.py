@@ -1,0 +1,107 @@
+"""``retinanet-xla predict``: detections drawn on images, and one JSON with all of them."""
+
+import colorsys
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+from retinanet_xla.data.transforms import letterbox
+from retinanet_xla.engine.inference import LoadedModel
+from retinanet_xla.ops import BoxCoder
+from retinanet_xla.ops.postprocess import filter_detections, select_candidates, to_original_pixels
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def collect_images(paths: Sequence[Path]) -> List[Path]:
+    """Files as given; directories contribute their JPEG/PNG files, sorted."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image or directory")
+    return found
+
+
+def _colour(label: int):
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.9, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw(image: Image.Image, detections: List[Dict]) -> Image.Image:
+    canvas = image.copy()
+    pen = ImageDraw.Draw(canvas)
+    for detection in detections:
+        x, y, w, h = detection["bbox"]
+        colour = _colour(detection["label"])
+        pen.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        text = f"{detection['category_name']} {detection['score']:.2f}"
+        left, top, right, bottom = pen.textbbox((x, y), text)
+        pen.rectangle([left, top - (bottom - top) - 2, right + 2, top], fill=colour)
+        pen.text((x + 1, top - (bottom - top) - 2), text, fill=(0, 0, 0))
+    return canvas
+
+
+@torch.no_grad()
+def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_threshold: float) -> Path:
+    """Run the model on every image (batches padded to ``eval.batch_size``, so one graph), write
+    ``output_dir/<name>.png`` per image and ``output_dir/detections.json``; return the JSON path."""
+    config, model, runtime = loaded.config, loaded.model, loaded.runtime
+    config.eval.score_threshold = score_threshold
+    size = tuple(config.data.image_size)
+    batch_size = config.eval.batch_size
+    anchors = model.anchors(size).to(runtime.device)
+    coder = BoxCoder(config.model.box_coder_weights)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images = collect_images(paths)
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        decoded, canvases, scales = [], [], []
+        for path in chunk:
+            try:
+                image = read_rgb(path)
+            except UnreadableImage as error:
+                results.append({"file": str(path), "error": str(error), "detections": []})
+                continue
+            canvas, _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
+            decoded.append((path, image))
+            canvases.append(canvas)
+            scales.append(scale)
+        if not decoded:
+            continue
+        pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
+        pixels[: len(canvases)] = np.stack(canvases)
+        content = torch.zeros(batch_size, 2)
+        for index, ((_, image), scale) in enumerate(zip(decoded, scales)):
+            content[index] = torch.tensor([round(image.height * scale), round(image.width * scale)])
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
+        outputs = model(model.normalize(batch))
+        candidates = select_candidates(outputs["cls_logits"], outputs["bbox_regression"], anchors, coder, config.eval.pre_nms_top_k, content.to(runtime.device))
+        runtime.sync()
+        for (path, image), scale, found in zip(decoded, scales, filter_detections(candidates, config.eval)):
+            boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
+            ids = loaded.mapping.to_category_ids(found.labels.numpy())
+            detections = [
+                {
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(float(score), 4),
+                    "label": int(label),
+                    "category_id": int(category_id),
+                    "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
+                }
+                for (x1, y1, x2, y2), score, label, category_id in zip(boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist())
+            ]
+            draw(image, detections).save(output_dir / f"{path.stem}.png")
+            results.append({"file": str(path), "width": image.width, "height": image.height, "detections": detections})
+    json_path = output_dir / "detections.json"
+    json_path.write_text(json.dumps({"checkpoint": str(loaded.checkpoint), "score_threshold": score_threshold, "images": results}, indent=1))
+    return json_path
