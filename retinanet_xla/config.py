@@ -126,7 +126,7 @@ class TrainConfig:
     steps: int = 67500
     log_every: int = 100
     checkpoint_every: int = 5000
-    eval_every: int = 0  # 0 = only at the end (evaluation arrives with the eval command)
+    eval_every: int = 0  # 0 = never; N = every N steps and at the end, keeping best.pt
     precision: str = "bf16"  # bf16 | fp32
     output_dir: str = "runs/retinanet"
     seed: int = 0
