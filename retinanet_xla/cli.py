@@ -49,14 +49,27 @@ def train(
     config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."),
 ) -> None:
-    """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory."""
+    """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory.
+
+    Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
+    checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
+    from retinanet_xla.engine.preemption import EXIT_INTERRUPTED
+    from retinanet_xla.engine.trainer import TrainingDiverged, TrainingInterrupted
     from retinanet_xla.engine.trainer import train as run_training
 
     settings = load_config(config, overrides)
     output_dir = output or Path(settings.train.output_dir)
-    result = run_training(settings, output_dir)
-    typer.echo(json.dumps(result.summary, indent=2))
+    try:
+        summary = run_training(settings, output_dir, resume)
+    except TrainingInterrupted as stop:
+        typer.echo(str(stop), err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except TrainingDiverged as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

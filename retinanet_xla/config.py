@@ -126,6 +126,7 @@ class TrainConfig:
     steps: int = 67500
     log_every: int = 100
     checkpoint_every: int = 5000
+    keep_checkpoints: int = 5  # newest step checkpoints kept (0 = all); best.pt is kept apart
     eval_every: int = 0  # 0 = never; N = every N steps and at the end, keeping best.pt
     precision: str = "bf16"  # bf16 | fp32
     output_dir: str = "runs/retinanet"
@@ -335,6 +336,8 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.image_size must be [height, width] with both >= 32, got {size}")
     if config.runtime.num_devices is not None and config.runtime.num_devices < 1:
         raise ConfigError(f"{where}: runtime.num_devices must be >= 1 or null, got {config.runtime.num_devices}")
+    if config.train.keep_checkpoints < 0:
+        raise ConfigError(f"{where}: train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
     if config.data.num_workers < 0:
         raise ConfigError(f"{where}: data.num_workers must be >= 0, got {config.data.num_workers}")
     if sorted(config.train.schedule.decay_steps) != config.train.schedule.decay_steps:

@@ -33,6 +33,22 @@ class Runtime:
 
             torch_xla.sync()
 
+    def separate_scalars(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Give every 0-dim tensor its own device buffer, then sync.
+
+        torch_xla caches host-to-device transfers of scalars by value, so after loading a
+        checkpoint the 20 BatchNorm ``num_batches_tracked`` buffers of a ResNet-18 (all equal)
+        share one device buffer. The first step's graph then has fewer inputs than every later
+        step's, and step 2 compiles again. An in-place ``add_(0)`` gives each its own output.
+        """
+        if not self.is_xla:
+            return
+        with torch.no_grad():
+            for tensor in tensors:
+                if tensor.dim() == 0:
+                    tensor.add_(0)
+        self.sync()
+
     def wait(self) -> None:
         """Block until the device has finished all launched work (for honest timings)."""
         if self.is_xla:

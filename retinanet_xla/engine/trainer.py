@@ -1,12 +1,12 @@
-"""``retinanet-xla train``: build everything from the config, then one loop over steps.
+"""``retinanet-xla train``: build everything from the config, resume if a checkpoint exists,
+then one loop over steps.
 
-Periodic work (logging, checkpoints) happens at step boundaries through step closures, so the
-host never waits for the device inside the loop.
+Periodic work (logging, checkpoints, evaluation) happens at step boundaries; values reach the
+host through step closures, so the host never waits for the device inside the loop.
 """
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -18,8 +18,10 @@ from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader, loa
 from retinanet_xla.data.coco import CocoDataset, DatasetError
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.engine.build import build_train_step
-from retinanet_xla.engine.checkpoint import save_checkpoint
+from retinanet_xla.engine.checkpoint import CheckpointError
+from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
 from retinanet_xla.engine.metrics_log import MetricsLog
+from retinanet_xla.engine.preemption import PreemptionGuard
 from retinanet_xla.engine.runtime import Runtime, Stopwatch
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was requested (SIGTERM/SIGINT); a checkpoint for the step reached was saved."""
 
 
 def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
@@ -72,146 +78,207 @@ class BatchCounters:
             yield {key: batch[key] for key in DEVICE_KEYS}
 
 
-@dataclass
-class TrainResult:
-    summary: Dict
-    checkpoint: Optional[Path]
-
-
 def replica_batch_size(config: Config, world_size: int) -> int:
     if config.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size {config.train.batch_size} is not divisible by the {world_size} replicas")
     return config.train.batch_size // world_size
 
 
-def train(config: Config, output_dir: Path, console: Optional[Console] = None) -> TrainResult:
-    output_dir = Path(output_dir)
-    world_size = config.runtime.num_devices or 1
-    batch_size = replica_batch_size(config, world_size)
-    if world_size != 1:
-        raise ConfigError(f"runtime.num_devices is {world_size}; this version trains on one device (set it to 1)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
-    torch.manual_seed(config.train.seed)
-    coco = dataset_split(config, "train", output_dir)
+def _finite(values: Dict[str, float]) -> bool:
+    return all(v == v and abs(v) != float("inf") for v in values.values())
 
-    runtime = Runtime(config.runtime.device)
-    step_fn = build_train_step(config, runtime)
-    model, loss_fn, optimizer = step_fn.model, step_fn.loss_fn, step_fn.optimizer
-    image_size = tuple(config.data.image_size)
 
-    dataset = DetectionDataset(coco.records, coco.mapping, image_size, config.data.max_boxes, config.data.augmentation)
-    sampler = TrainSampler(len(dataset), batch_size, world_size, 0, config.train.seed)
-    counters = BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
-    batches = runtime.device_batches(counters)
+class Trainer:
+    def __init__(self, config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None):
+        self.config, self.output_dir = config, Path(output_dir)
+        world_size = config.runtime.num_devices or 1
+        self.batch_size = replica_batch_size(config, world_size)
+        if world_size != 1:
+            raise ConfigError(f"runtime.num_devices is {world_size}; this version trains on one device (set it to 1)")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.output_dir / "config.yaml")
+        torch.manual_seed(config.train.seed)
+        self.coco = dataset_split(config, "train", self.output_dir)
+        self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-    evaluator = None
-    if config.train.eval_every > 0:
-        from retinanet_xla.evaluation.evaluator import Evaluator
+        self.runtime = Runtime(config.runtime.device)
+        self.step_fn = build_train_step(config, self.runtime)
+        self.start_step, self.best_ap = 0, float("-inf")
+        if resume:
+            self._restore()
 
-        val = dataset_split(config, "val", output_dir)
-        val.mapping = coco.mapping  # detections are written with the training set's ids
-        evaluator = Evaluator(config, val, runtime, show_progress=False)
-    best_ap = float("-inf")
+        dataset = DetectionDataset(self.coco.records, self.coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation)
+        # The sampler restarts at the batch the checkpoint reached: the resumed run sees the
+        # same images with the same augmentation as an uninterrupted one.
+        sampler = TrainSampler(len(dataset), self.batch_size, world_size, 0, config.train.seed, start_batch=self.start_step)
+        self.counters = BatchCounters(build_loader(dataset, sampler, self.batch_size, config.data.num_workers))
+        self.num_images = len(dataset)
 
-    def payload(step: int) -> Dict:
+        self.evaluator = None
+        if config.train.eval_every > 0:
+            from retinanet_xla.evaluation.evaluator import Evaluator
+
+            val = dataset_split(config, "val", self.output_dir)
+            val.mapping = self.coco.mapping  # detections are written with the training set's ids
+            self.evaluator = Evaluator(config, val, self.runtime, show_progress=False)
+
+        self.console = console
+        self.first_loss: Optional[float] = None
+        self.last_loss: Optional[float] = None
+        self.last_eval: Optional[Dict[str, float]] = None
+        self.diverged_at: Optional[int] = None
+        self.window: Optional[tuple] = None
+        self.last_checkpoint: Optional[Path] = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _payload(self, step: int) -> Dict:
+        s = self.step_fn
         return {
             "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "config": config.to_dict(),
-            "category_mapping": coco.mapping.to_dict(),
+            "model": s.model.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "loss": s.loss_fn.state_dict(),
+            "best_ap": self.best_ap,
+            "torch_rng_state": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+            "category_mapping": self.coco.mapping.to_dict(),
         }
 
-    log = MetricsLog(output_dir, config.train.steps, console=console)
-    log.message(
-        f"training {config.train.steps} steps, batch {config.train.batch_size}, {len(dataset)} images, "
-        f"{config.data.image_size[0]}x{config.data.image_size[1]}, on {runtime.device} -> {output_dir}"
-    )
-    state = {"first_loss": None, "last_loss": None, "diverged": None, "window_start": None, "eval": None}
-    clock = Stopwatch()
-    warm_clock = None
-    warmup_compilations = 0
-    checkpoint_path = None
-    compile_seconds_first_step = 0.0
+    def _restore(self) -> None:
+        found = self.checkpoints.newest_valid()
+        if found is None:
+            return
+        path, payload = found
+        s = self.step_fn
+        try:
+            s.model.load_state_dict(payload["model"])
+            s.optimizer.load_state_dict(payload["optimizer"])
+            s.loss_fn.load_state_dict(payload["loss"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this config ({first_line}); use --no-resume or another --output") from None
+        s.step.copy_(torch.tensor(payload["step"], dtype=torch.int64))
+        torch.set_rng_state(payload["torch_rng_state"])
+        self.start_step, self.best_ap = payload["step"], payload.get("best_ap", float("-inf"))
+        self.last_checkpoint = path
+        restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), s.step]
+        self.runtime.separate_scalars(restored)  # before the first traced step
+        logger.warning("resuming from %s (step %d)", path, self.start_step)
 
-    def on_log(step: int, values: Dict[str, float]) -> None:
-        if not all(map(lambda v: v == v and abs(v) != float("inf"), values.values())):
-            state["diverged"] = step
+    def _save(self, step: int) -> None:
+        self.last_checkpoint = self.checkpoints.save(step, self._payload(step))
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _on_log(self, step: int, values: Dict[str, float], clock: Stopwatch, log: MetricsLog) -> None:
+        if not _finite(values):
+            self.diverged_at = step
             return
         now = clock.seconds()
-        if state["window_start"] is not None:
-            window_step, window_time = state["window_start"]
-            values["images_per_second"] = (step - window_step) * config.train.batch_size / max(now - window_time, 1e-9)
-        state["window_start"] = (step, now)
-        values["truncated_images"] = float(counters.truncated)
-        values["unreadable_images"] = float(counters.unreadable)
-        state["last_loss"] = values["loss"]
-        if state["first_loss"] is None:
-            state["first_loss"] = values["loss"]
+        if self.window is not None:
+            window_step, window_time = self.window
+            values["images_per_second"] = (step - window_step) * self.config.train.batch_size / max(now - window_time, 1e-9)
+        self.window = (step, now)
+        values["truncated_images"] = float(self.counters.truncated)
+        values["unreadable_images"] = float(self.counters.unreadable)
+        self.last_loss = values["loss"]
+        if self.first_loss is None:
+            self.first_loss = values["loss"]
         log.write(step, values)
 
-    try:
-        for step in range(1, config.train.steps + 1):
-            outputs = step_fn(next(batches))
-            is_last = step == config.train.steps
-            if step == 1 or step % config.train.log_every == 0 or is_last:
-                runtime.on_step_end(lambda values, s=step: on_log(s, values), outputs)
-            runtime.sync()
-            if step == 1:
-                runtime.wait()
-                warmup_compilations = runtime.compilations()["count"]
-                compile_seconds_first_step = clock.seconds()
-                warm_clock = Stopwatch()
-                log.message(f"step 1 done in {compile_seconds_first_step:.1f} s ({warmup_compilations} graphs compiled)")
-            elif step % config.train.log_every == 0 or is_last:
-                new = runtime.compilations()["count"] - warmup_compilations
-                if new:
-                    logger.warning("%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step)
-            if state["diverged"] is not None:
-                raise TrainingDiverged(
-                    f"the loss is not finite at step {state['diverged']}; stopping (last checkpoint: {checkpoint_path or 'none'})"
-                )
-            log.advance(step)
-            if step % config.train.checkpoint_every == 0 or is_last:
-                checkpoint_path = output_dir / "checkpoints" / f"step_{step:08d}.pt"
-                save_checkpoint(checkpoint_path, payload(step))
-            if evaluator is not None and (step % config.train.eval_every == 0 or is_last):
-                before = runtime.compilations()["count"]
-                metrics = evaluator.evaluate(model)["metrics"]
-                if state["eval"] is None:  # the first evaluation compiles the eval graph: warm-up too
-                    warmup_compilations += runtime.compilations()["count"] - before
-                log.write_eval(step, metrics)
-                state["eval"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
-                if metrics["AP"] > best_ap:
-                    best_ap = metrics["AP"]
-                    save_checkpoint(output_dir / "checkpoints" / "best.pt", payload(step))
-        runtime.wait()
-    finally:
-        log.close()
+    # -- the loop ----------------------------------------------------------------------------
 
-    compiled = runtime.compilations()
-    warm_seconds = warm_clock.seconds() if warm_clock else 0.0
-    warm_steps = config.train.steps - 1
-    summary = {
-        "steps": config.train.steps,
-        "images": config.train.steps * config.train.batch_size,
-        "wall_seconds": round(clock.seconds(), 3),
-        "first_step_seconds": round(compile_seconds_first_step, 3),
-        "images_per_second": round(warm_steps * config.train.batch_size / warm_seconds, 3) if warm_steps and warm_seconds else None,
-        "compilations_total": compiled["count"],
-        "compilations_after_warmup": compiled["count"] - warmup_compilations,
-        "compile_seconds": round(compiled["seconds"], 3),
-        "first_loss": state["first_loss"],
-        "final_loss": state["last_loss"],
-        "truncated_images": counters.truncated,
-        "unreadable_images": counters.unreadable,
-        "device": str(runtime.device),
-        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
-        "eval": state["eval"],
-    }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if summary["compilations_after_warmup"]:
-        logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
-    return TrainResult(summary, checkpoint_path)
+    def run(self) -> Dict:
+        c, runtime = self.config.train, self.runtime
+        log = MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console)
+        log.message(
+            f"training steps {self.start_step + 1}-{c.steps}, batch {c.batch_size}, {self.num_images} images, "
+            f"{self.config.data.image_size[0]}x{self.config.data.image_size[1]}, on {runtime.device} -> {self.output_dir}"
+        )
+        batches = runtime.device_batches(self.counters)
+        clock = Stopwatch()
+        warm_clock, warmup_compilations, first_step_seconds = None, 0, 0.0
+        first = self.start_step + 1
+        try:
+            with PreemptionGuard() as guard:
+                for step in range(first, c.steps + 1):
+                    outputs = self.step_fn(next(batches))
+                    is_last = step == c.steps
+                    checkpoint_now = step % c.checkpoint_every == 0 or is_last
+                    # Checkpoint steps are log steps too: the loss is known to be finite before
+                    # the weights are written, so the last checkpoint is always a good one.
+                    if step == first or step % c.log_every == 0 or checkpoint_now or guard.requested:
+                        runtime.on_step_end(lambda values, s=step: self._on_log(s, values, clock, log), outputs)
+                    runtime.sync()
+                    if step == first:
+                        runtime.wait()
+                        warmup_compilations = runtime.compilations()["count"]
+                        first_step_seconds = clock.seconds()
+                        warm_clock = Stopwatch()
+                        log.message(f"step {step} done in {first_step_seconds:.1f} s ({warmup_compilations} graphs compiled)")
+                    elif step % c.log_every == 0 or is_last:
+                        new = runtime.compilations()["count"] - warmup_compilations
+                        if new:
+                            logger.warning("%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step)
+                    if self.diverged_at is not None:
+                        raise TrainingDiverged(
+                            f"the loss is not finite at step {self.diverged_at}; stopping (last good checkpoint: {self.last_checkpoint or 'none'})"
+                        )
+                    log.advance(step)
+                    if checkpoint_now or guard.requested:
+                        self._save(step)
+                    if self.evaluator is not None and (step % c.eval_every == 0 or is_last):
+                        before, first_evaluation = runtime.compilations()["count"], self.last_eval is None
+                        self._evaluate(step, log)
+                        if first_evaluation:  # compiling the eval graph is warm-up too
+                            warmup_compilations += runtime.compilations()["count"] - before
+                    if guard.requested and not is_last:
+                        raise TrainingInterrupted(
+                            f"stopped by signal {guard.signal_number} at step {step}; saved {self.last_checkpoint}; "
+                            "run the same command again to resume"
+                        )
+            runtime.wait()
+        finally:
+            log.close()
+        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations)
+
+    def _evaluate(self, step: int, log: MetricsLog) -> None:
+        metrics = self.evaluator.evaluate(self.step_fn.model)["metrics"]
+        log.write_eval(step, metrics)
+        self.last_eval = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        if metrics["AP"] > self.best_ap:
+            self.best_ap = metrics["AP"]
+            self.checkpoints.save_best(self._payload(step))
+
+    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int) -> Dict:
+        c = self.config.train
+        compiled = self.runtime.compilations()
+        steps_run = c.steps - self.start_step
+        warm_steps, warm_seconds = steps_run - 1, (warm_clock.seconds() if warm_clock else 0.0)
+        summary = {
+            "steps": c.steps,
+            "resumed_from_step": self.start_step,
+            "images": steps_run * c.batch_size,
+            "wall_seconds": round(clock.seconds(), 3),
+            "first_step_seconds": round(first_step_seconds, 3),
+            "images_per_second": round(warm_steps * c.batch_size / warm_seconds, 3) if warm_steps > 0 and warm_seconds else None,
+            "compilations_total": compiled["count"],
+            "compilations_after_warmup": compiled["count"] - warmup_compilations if steps_run else 0,
+            "compile_seconds": round(compiled["seconds"], 3),
+            "first_loss": self.first_loss,
+            "final_loss": self.last_loss,
+            "truncated_images": self.counters.truncated,
+            "unreadable_images": self.counters.unreadable,
+            "device": str(self.runtime.device),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "eval": self.last_eval,
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if summary["compilations_after_warmup"]:
+            logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
+        return summary
+
+
+def train(config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None) -> Dict:
+    return Trainer(config, output_dir, resume, console).run()

@@ -1,0 +1,153 @@
+"""Preemption safety through the real CLI on CPU XLA: exact resume after SIGKILL, SIGTERM,
+corrupt checkpoints, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinanet_xla.engine.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.xla
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "retinanet-xla"
+N = 4
+TINY = [
+    "data.image_size=[64,64]",
+    "data.max_boxes=4",
+    "data.num_workers=1",
+    "data.synthetic.train_images=24",
+    "data.synthetic.seed=2",
+    "model.fpn_channels=32",
+    "model.head.convs=1",
+    "train.batch_size=4",
+    f"train.steps={2 * N}",
+    "train.log_every=1",
+    f"train.checkpoint_every={N}",
+    "train.schedule.warmup_steps=2",
+    "train.schedule.kind=step",  # the rate must not depend on train.steps: runs of different length share steps 1..N
+]
+
+
+def command(output: Path, *extra: str):
+    args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]
+    for override in (*TINY, *extra):
+        args += ["--set", override]
+    return args
+
+
+ENV = {**os.environ, "PJRT_DEVICE": "CPU"}
+
+
+def run(output: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command(output, *extra), capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def start(output: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(command(output, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def losses(output: Path):
+    return {line["step"]: line["loss"] for line in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "loss" in line}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    output = tmp_path_factory.mktemp("straight")
+    result = run(output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_resume_after_sigkill_continues_the_same_trajectory(straight, tmp_path):
+    # Slow steps a little (bigger batch of work per step is not needed: we poll every 5 ms).
+    process = start(tmp_path, f"train.steps={20 * N}")  # long run; killed right after step N
+    wait_for(tmp_path / "checkpoints" / f"step_{N:08d}.pt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt").exists(), "the run got past step 2N before the kill"
+
+    resumed = run(tmp_path)  # train.steps = 2N again: resumes at N, ends at 2N
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_step"] == N and summary["compilations_after_warmup"] == 0
+    assert "resuming from" in resumed.stderr
+
+    expected, actual = losses(straight), losses(tmp_path)
+    for step in range(N + 1, 2 * N + 1):
+        assert actual[step] == pytest.approx(expected[step], abs=1e-5), step
+    final = load_checkpoint(tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt")
+    reference = load_checkpoint(straight / "checkpoints" / f"step_{2 * N:08d}.pt")
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(final["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    for a, b in zip(final["optimizer"]["momentum_buffers"], reference["optimizer"]["momentum_buffers"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_sigterm_saves_the_step_reached_and_exits_75(tmp_path):
+    process = start(tmp_path, "train.steps=1000")
+    wait_for(tmp_path / "checkpoints" / f"step_{N:08d}.pt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "stopped by signal 15 at step" in stderr and "run the same command again to resume" in stderr
+    reached = max(int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*.pt"))
+    assert reached >= N and load_checkpoint(tmp_path / "checkpoints" / f"step_{reached:08d}.pt")["step"] == reached
+    resumed = run(tmp_path, f"train.steps={reached + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] == reached
+
+
+def test_truncated_newest_checkpoint_is_skipped_and_old_ones_rotate(straight, tmp_path):
+    output = tmp_path / "run"
+    for checkpoint in (straight / "checkpoints").glob("step_*.pt"):
+        (output / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (output / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    newest = output / "checkpoints" / f"step_{2 * N:08d}.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    (output / "synthetic").symlink_to(straight / "synthetic")
+    result = run(output, f"train.steps={3 * N}", "train.keep_checkpoints=2", "train.checkpoint_every=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping unusable checkpoint: {newest}: not a readable checkpoint" in result.stderr
+    assert json.loads((output / "summary.json").read_text())["resumed_from_step"] == N
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_{3 * N - 2:08d}.pt", f"step_{3 * N:08d}.pt"]
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run(tmp_path, "train.schedule.base_lr=1.0e+8", "train.schedule.warmup_steps=0", "train.grad_clip_norm=0.0",
+                 "train.checkpoint_every=1", "train.steps=30")
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = [line for line in result.stderr.splitlines() if line.startswith("error: the loss is not finite at step")]
+    assert len(message) == 1 and "Traceback" not in result.stderr
+    step = int(message[0].split("at step ")[1].split(";")[0])
+    checkpoints = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    assert all(int(p.stem.split("_")[1]) < step for p in checkpoints)
+    if checkpoints:
+        last = load_checkpoint(checkpoints[-1])
+        assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+        assert str(checkpoints[-1]) in message[0]
+
+
+def test_no_resume_starts_over(straight, tmp_path):
+    output = tmp_path / "again"
+    (output / "checkpoints").mkdir(parents=True)
+    (output / "checkpoints" / f"step_{N:08d}.pt").write_bytes((straight / "checkpoints" / f"step_{N:08d}.pt").read_bytes())
+    args = command(output, "train.steps=2") + ["--no-resume"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output / "summary.json").read_text())["resumed_from_step"] == 0
