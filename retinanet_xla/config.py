@@ -147,6 +147,7 @@ class EvalConfig(PostprocessConfig):
 class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
     num_devices: Optional[int] = None  # replicas; unset = every local XLA device
+    compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -23,3 +24,28 @@ def run_cli(capsys, monkeypatch, *args: str) -> CliResult:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
+
+
+# A tiny model and dataset for end-to-end runs on the CPU XLA device (compiles in ~20 s).
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "retinanet-xla"
+TINY = [
+    "data.image_size=[64,64]",
+    "data.max_boxes=4",
+    "data.num_workers=1",
+    "data.synthetic.train_images=24",
+    "data.synthetic.val_images=7",
+    "data.synthetic.seed=2",
+    "model.fpn_channels=32",
+    "model.head.convs=1",
+    "train.batch_size=4",
+    "eval.batch_size=4",
+]
+
+
+def train_command(output, *overrides: str):
+    """``retinanet-xla train configs/smoke.yaml --output OUTPUT`` with TINY and ``overrides``."""
+    args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]
+    for override in (*TINY, *overrides):
+        args += ["--set", override]
+    return args

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,21 +12,12 @@ import pytest
 import torch
 
 from retinanet_xla.engine.checkpoint import load_checkpoint
+from tests.cli_helpers import train_command
 
 pytestmark = pytest.mark.xla
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(sys.executable).parent / "retinanet-xla"
 N = 4
-TINY = [
-    "data.image_size=[64,64]",
-    "data.max_boxes=4",
-    "data.num_workers=1",
-    "data.synthetic.train_images=24",
-    "data.synthetic.seed=2",
-    "model.fpn_channels=32",
-    "model.head.convs=1",
-    "train.batch_size=4",
+STEPS = [
     f"train.steps={2 * N}",
     "train.log_every=1",
     f"train.checkpoint_every={N}",
@@ -37,10 +27,7 @@ TINY = [
 
 
 def command(output: Path, *extra: str):
-    args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]
-    for override in (*TINY, *extra):
-        args += ["--set", override]
-    return args
+    return train_command(output, *STEPS, *extra)
 
 
 ENV = {**os.environ, "PJRT_DEVICE": "CPU"}

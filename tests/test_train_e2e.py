@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,23 +10,12 @@ import torch
 
 from retinanet_xla.config import config_from_dict
 from retinanet_xla.engine.checkpoint import load_checkpoint
+from tests.cli_helpers import SCRIPT, train_command
 
 pytestmark = pytest.mark.xla
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(sys.executable).parent / "retinanet-xla"
-TINY = [
-    "data.image_size=[64,64]",
-    "data.max_boxes=4",
-    "data.num_workers=1",
-    "data.synthetic.train_images=24",
-    "data.synthetic.seed=2",
-    "data.synthetic.val_images=7",
-    "eval.batch_size=4",
+STEPS = [
     "train.eval_every=6",
-    "model.fpn_channels=32",
-    "model.head.convs=1",
-    "train.batch_size=4",
     "train.steps=12",
     "train.log_every=4",
     "train.checkpoint_every=6",
@@ -35,11 +23,8 @@ TINY = [
 
 
 def run_train(output: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]
-    for override in (*TINY, *extra):
-        args += ["--set", override]
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(train_command(output, *STEPS, *extra), capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def benchmark(config: Config, steps: int) -> Dict[str, float]:
     """Run ``steps`` training steps; step 1 includes compilation, the rest are timed together."""
     if steps < 2:
         raise ValueError("bench needs at least 2 steps: one to compile, one to time")
-    runtime = Runtime(config.runtime.device)
+    runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
     torch.manual_seed(config.train.seed)
     step_fn = build_train_step(config, runtime)
     batch_size = config.train.batch_size
@@ -78,5 +78,7 @@ def benchmark(config: Config, steps: int) -> Dict[str, float]:
         "images_per_second": round(batch_size / step_seconds, 2),
         "compilations_total": compiled["count"],
         "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
+        "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
+        **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
         "final_loss": float(outputs["loss"].cpu()),
     }

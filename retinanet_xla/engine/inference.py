@@ -30,7 +30,7 @@ def load_for_inference(checkpoint: Path, overrides: Sequence[str] = ()) -> Loade
     config = load_config(base=payload["config"], overrides=overrides, where=str(checkpoint))
     # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
     config.model.backbone.weights = None
-    runtime = Runtime(config.runtime.device)
+    runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
     model = build_model(config)
     model.load_state_dict(payload["model"])
     model.to(runtime.device).eval()

@@ -2,18 +2,51 @@
 eager CPU/CUDA. Everything XLA-specific the loop needs sits behind this one class."""
 
 import contextlib
+import logging
+import os
 import time
-from typing import Callable, Dict, Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+
+def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
+    """``auto``: on TPU, ``$XDG_CACHE_HOME/retinanet-xla/xla/...`` (``~/.cache/...``), one
+    directory per torch_xla version; elsewhere none, because torch_xla 2.9's CPU client cannot
+    load the executables it writes (measured: ``PersistentCacheDeserializeFailure`` on every
+    reload). ``None``/``none``: no persistent cache. Anything else: that directory."""
+    if setting is None or setting.lower() in ("none", "null", ""):
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    device = os.environ.get("PJRT_DEVICE", "").upper()
+    if device != "TPU":
+        return None
+    import torch_xla
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "retinanet-xla" / "xla" / f"torch_xla-{torch_xla.__version__}-tpu"
+
 
 class Runtime:
-    def __init__(self, kind: str = "xla"):
+    def __init__(self, kind: str = "xla", compile_cache: Optional[str] = None):
         self.kind = kind
+        self.compile_cache = None
         if kind == "xla":
             import torch_xla
+            import torch_xla.runtime as xr
 
+            cache = compile_cache_dir(compile_cache)
+            # Compiled executables are written to disk and reused by the next launch of the same
+            # graph (a second run, a resume after preemption): no recompilation across runs.
+            # Only possible before the first computation of the process.
+            if cache is not None and not torch_xla._XLAC._xla_computation_cache_is_initialized():
+                cache.mkdir(parents=True, exist_ok=True)
+                xr.initialize_cache(str(cache), readonly=False)
+                self.compile_cache = cache
             self.device = torch_xla.device()
         elif kind == "cuda":
             if not torch.cuda.is_available():
@@ -74,15 +107,18 @@ class Runtime:
         return torch.autocast(device_type="xla" if self.is_xla else self.device.type, dtype=torch.bfloat16)
 
     def compilations(self) -> Dict[str, float]:
-        """Graphs compiled so far in this process, and the seconds spent compiling them."""
+        """Graphs compiled so far in this process, the seconds spent compiling them, and how the
+        persistent cache fared (hits, misses, and executables it could not load)."""
         if not self.is_xla:
             return {"count": 0, "seconds": 0.0}
         import torch_xla.debug.metrics as metrics
 
         data = metrics.metric_data("CompileTime")
-        if data is None:
-            return {"count": 0, "seconds": 0.0}
-        return {"count": int(data[0]), "seconds": data[1] / 1e9}
+        found = {"count": int(data[0]), "seconds": data[1] / 1e9} if data else {"count": 0, "seconds": 0.0}
+        if self.compile_cache is not None:
+            for counter, key in (("PersistentCacheHit", "cache_hits"), ("PersistentCacheMiss", "cache_misses"), ("PersistentCacheDeserializeFailure", "cache_load_failures")):
+                found[key] = metrics.counter_value(counter) or 0
+        return found
 
     def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
         """Batches on the device. On XLA a background thread transfers the next batches while

@@ -101,7 +101,7 @@ class Trainer:
         self.coco = dataset_split(config, "train", self.output_dir)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-        self.runtime = Runtime(config.runtime.device)
+        self.runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
         self.step_fn = build_train_step(config, self.runtime)
         self.start_step, self.best_ap = 0, float("-inf")
         if resume:
@@ -266,6 +266,8 @@ class Trainer:
             "compilations_total": compiled["count"],
             "compilations_after_warmup": compiled["count"] - warmup_compilations if steps_run else 0,
             "compile_seconds": round(compiled["seconds"], 3),
+            "compile_cache": str(self.runtime.compile_cache) if self.runtime.compile_cache else None,
+            **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
             "first_loss": self.first_loss,
             "final_loss": self.last_loss,
             "truncated_images": self.counters.truncated,
