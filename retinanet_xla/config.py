@@ -132,6 +132,7 @@ class TrainConfig:
     output_dir: str = "runs/retinanet"
     seed: int = 0
     grad_clip_norm: float = 0.0  # 0 = off
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off; reference 0.9998)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -337,6 +338,8 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.image_size must be [height, width] with both >= 32, got {size}")
     if config.runtime.num_devices is not None and config.runtime.num_devices < 1:
         raise ConfigError(f"{where}: runtime.num_devices must be >= 1 or null, got {config.runtime.num_devices}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if config.train.keep_checkpoints < 0:
         raise ConfigError(f"{where}: train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
     if config.data.num_workers < 0:

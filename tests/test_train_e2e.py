@@ -16,6 +16,7 @@ pytestmark = pytest.mark.xla
 
 STEPS = [
     "train.eval_every=6",
+    "train.ema_decay=0.9",
     "train.steps=12",
     "train.log_every=4",
     "train.checkpoint_every=6",
@@ -63,7 +64,7 @@ def test_outputs_checkpoints_and_logs(trained):
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if "eval" not in line]
     eval_lines = [line for line in lines if "eval" in line]
-    assert [line["step"] for line in train_lines] == [1, 4, 8, 12]
+    assert [line["step"] for line in train_lines] == [1, 4, 6, 8, 12]  # log steps, and checkpoint steps (6)
     assert all({"loss", "cls_loss", "box_loss", "lr", "grad_norm"} <= set(line) for line in train_lines)
     assert [line["step"] for line in eval_lines] == [6, 12]
     assert all(0.0 <= line["eval"]["AP50"] <= 1.0 for line in eval_lines)
@@ -82,6 +83,9 @@ def test_outputs_checkpoints_and_logs(trained):
     weight = "head.classification_head.cls_logits.weight"
     assert not torch.equal(checkpoint["model"][weight], earlier["model"][weight])  # it trained
     assert len(checkpoint["optimizer"]["momentum_buffers"]) > 0
+    # The weight average is saved beside the weights, and differs from them.
+    assert set(checkpoint["ema"]) == set(checkpoint["model"])
+    assert not torch.equal(checkpoint["ema"][weight], checkpoint["model"][weight])
 
 
 def test_eval_command_metrics_equal_pycocotools_and_cover_every_image_once(trained, tmp_path):
@@ -96,6 +100,7 @@ def test_eval_command_metrics_equal_pycocotools_and_cover_every_image_once(train
     summary = [line for line in result.stdout.splitlines() if line.startswith(" Average")]
     assert len(summary) == 12
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["weights"] == "ema"
     detections = json.loads((tmp_path / "detections.json").read_text())
 
     annotations = output / "synthetic" / "annotations" / "instances_val.json"

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from retinanet_xla.config import Config, ConfigError
+from retinanet_xla.engine.ema import WeightAverage
 from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.engine.step import TrainStep
@@ -57,11 +58,17 @@ def build_train_step(config: Config, runtime: Runtime) -> TrainStep:
     """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
     with a sync so that weights, buffers and optimizer state are device data before step 1 and
     step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
-    model = build_model(config).to(runtime.device).train()
+    model = build_model(config)
+    ema = None
+    if config.train.ema_decay > 0:
+        average = build_model(config)
+        average.load_state_dict(model.state_dict())
+        ema = WeightAverage(model.to(runtime.device), average.to(runtime.device), config.train.ema_decay)
+    model = model.to(runtime.device).train()
     loss_fn = build_loss(config).to(runtime.device).train()
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
     optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
-    step = TrainStep(model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm)
+    step = TrainStep(model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema=ema)
     runtime.sync()
     return step

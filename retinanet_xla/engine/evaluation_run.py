@@ -25,6 +25,12 @@ def evaluate_checkpoint(
     output_dir = Path(output) if output else default_eval_dir(loaded.checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "detections.json").write_text(json.dumps(result["detections"]))
-    metrics = {**result["metrics"], "checkpoint": str(loaded.checkpoint), "step": loaded.step, "images": len(coco.records)}
+    metrics = {
+        **result["metrics"],
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "weights": "ema" if loaded.uses_weight_average else "model",
+        "images": len(coco.records),
+    }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return result, output_dir

@@ -20,6 +20,7 @@ class LoadedModel:
     mapping: CategoryMapping
     runtime: Runtime
     model: RetinaNet
+    uses_weight_average: bool
 
 
 def load_for_inference(checkpoint: Path, overrides: Sequence[str] = ()) -> LoadedModel:
@@ -32,6 +33,8 @@ def load_for_inference(checkpoint: Path, overrides: Sequence[str] = ()) -> Loade
     config.model.backbone.weights = None
     runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
     model = build_model(config)
-    model.load_state_dict(payload["model"])
+    # The weight average, when the run kept one, is the model to use (as the TF reference does).
+    model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])
     model.to(runtime.device).eval()
-    return LoadedModel(checkpoint, payload["step"], config, CategoryMapping.from_dict(payload["category_mapping"]), runtime, model)
+    mapping = CategoryMapping.from_dict(payload["category_mapping"])
+    return LoadedModel(checkpoint, payload["step"], config, mapping, runtime, model, "ema" in payload)

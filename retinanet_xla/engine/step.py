@@ -1,11 +1,12 @@
 """The training step: forward, loss, backward, clipping and the optimizer update, traced as one
 graph. It returns device tensors only; nothing here waits for the device."""
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
+from retinanet_xla.engine.ema import WeightAverage
 from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.ops import DetectionLoss
@@ -27,6 +28,7 @@ class TrainStep:
         precision: str = "fp32",
         grad_clip_norm: float = 0.0,
         reduce_gradients: Callable[[], None] = _no_reduction,
+        ema: Optional[WeightAverage] = None,
     ):
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
         self.anchors = anchors
@@ -34,6 +36,7 @@ class TrainStep:
         self.precision = precision
         self.grad_clip_norm = grad_clip_norm
         self.reduce_gradients = reduce_gradients
+        self.ema = ema
         # The step counter lives on the device: the learning rate is computed from it inside
         # the graph, so a changing rate never changes the graph.
         self.step = torch.zeros((), dtype=torch.int64, device=runtime.device)
@@ -50,6 +53,8 @@ class TrainStep:
         lr = self.schedule(self.step)
         self.optimizer.step(lr)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         return {
             "loss": losses["loss"].detach(),
             "cls_loss": losses["cls_loss"].detach(),

@@ -139,6 +139,7 @@ class Trainer:
             "model": s.model.state_dict(),
             "optimizer": s.optimizer.state_dict(),
             "loss": s.loss_fn.state_dict(),
+            **({"ema": s.ema.model.state_dict()} if s.ema is not None else {}),
             "best_ap": self.best_ap,
             "torch_rng_state": torch.get_rng_state(),
             "config": self.config.to_dict(),
@@ -155,6 +156,8 @@ class Trainer:
             s.model.load_state_dict(payload["model"])
             s.optimizer.load_state_dict(payload["optimizer"])
             s.loss_fn.load_state_dict(payload["loss"])
+            if s.ema is not None:
+                s.ema.model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this config ({first_line}); use --no-resume or another --output") from None
@@ -163,6 +166,7 @@ class Trainer:
         self.start_step, self.best_ap = payload["step"], payload.get("best_ap", float("-inf"))
         self.last_checkpoint = path
         restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), s.step]
+        restored += list(s.ema.model.state_dict().values()) if s.ema is not None else []
         self.runtime.separate_scalars(restored)  # before the first traced step
         logger.warning("resuming from %s (step %d)", path, self.start_step)
 
@@ -244,7 +248,9 @@ class Trainer:
         return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
-        metrics = self.evaluator.evaluate(self.step_fn.model)["metrics"]
+        # With a weight average, it is what gets evaluated (and what eval uses later).
+        model = self.step_fn.ema.model if self.step_fn.ema is not None else self.step_fn.model
+        metrics = self.evaluator.evaluate(model)["metrics"]
         log.write_eval(step, metrics)
         self.last_eval = {k: v for k, v in metrics.items() if isinstance(v, float)}
         if metrics["AP"] > self.best_ap:
