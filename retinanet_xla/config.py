@@ -147,7 +147,7 @@ class EvalConfig(PostprocessConfig):
 @dataclass
 class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
-    num_devices: Optional[int] = None  # replicas; unset = every local XLA device
+    num_devices: Optional[int] = None  # replicas; this version runs one (null or 1)
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
 
 
