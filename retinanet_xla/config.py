@@ -364,10 +364,5 @@ def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), base
     return config
 
 
-def config_from_dict(data: Dict[str, Any]) -> Config:
-    """Rebuild a config stored in a checkpoint."""
-    return _build(Config, data, "", "checkpoint config")
-
-
 def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -7,7 +7,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.evaluation.coco_metrics import STAT_NAMES, evaluate_detections, ground_truth, ground_truth_as_detections
+from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, select_candidates
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retinanet_xla.config import config_from_dict
+from retinanet_xla.config import load_config
 from retinanet_xla.engine.checkpoint import load_checkpoint
 from tests.cli_helpers import SCRIPT, train_command
 
@@ -76,7 +76,7 @@ def test_outputs_checkpoints_and_logs(trained):
 
     checkpoint = load_checkpoint(output / "checkpoints" / "step_00000012.pt")
     assert checkpoint["step"] == 12
-    config = config_from_dict(checkpoint["config"])
+    config = load_config(base=checkpoint["config"])
     assert config.train.steps == 12 and config.data.image_size == [64, 64]
     assert checkpoint["category_mapping"]["category_ids"] == [1, 2, 3, 4]
     earlier = load_checkpoint(output / "checkpoints" / "step_00000006.pt")

@@ -35,17 +35,17 @@ def to_cpu(value: Any) -> Any:
 
 
 def versions() -> Dict[str, str]:
+    import torchvision
+
     from retinanet_xla import __version__
 
     # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
-    found = {"retinanet_xla": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
-    try:
-        import torchvision
-
-        found["torchvision"] = str(torchvision.__version__)
-    except ImportError:  # pragma: no cover
-        pass
-    return found
+    return {
+        "retinanet_xla": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
