@@ -56,6 +56,7 @@ def train(
     Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
     checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
     from retinanet_xla.engine.preemption import EXIT_INTERRUPTED
+    from retinanet_xla.engine.replicas import ReplicaFailed
     from retinanet_xla.engine.trainer import TrainingDiverged, TrainingInterrupted
     from retinanet_xla.engine.trainer import train as run_training
 
@@ -66,7 +67,7 @@ def train(
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, ReplicaFailed) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(json.dumps(summary, indent=2))

@@ -47,7 +47,6 @@ def benchmark(config: Config, steps: int) -> Dict[str, float]:
     if steps < 2:
         raise ValueError("bench needs at least 2 steps: one to compile, one to time")
     runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
-    torch.manual_seed(config.train.seed)
     step_fn = build_train_step(config, runtime)
     batch_size = config.train.batch_size
     host_batches = synthetic_batches(config, batch_size)

@@ -1,13 +1,17 @@
 """Objects from a config: the one place that maps config keys onto constructors."""
 
+import threading
 from pathlib import Path
+
+import torch
 
 from retinanet_xla.config import Config, ConfigError
 from retinanet_xla.engine.ema import WeightAverage
 from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.engine.replicas import Replicas
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.engine.step import TrainStep
-from retinanet_xla.models import RetinaNet
+from retinanet_xla.models import RetinaNet, set_replica_averaging
 from retinanet_xla.ops import AnchorGenerator, AnchorMatcher, BoxCoder, DetectionLoss
 
 
@@ -54,11 +58,18 @@ def build_loss(config: Config) -> DetectionLoss:
     )
 
 
-def build_train_step(config: Config, runtime: Runtime) -> TrainStep:
+# Replicas that are threads of one process share torch's global RNG: each builds its model
+# from the seed while holding this lock, so every replica starts from identical weights.
+_INIT_LOCK = threading.Lock()
+
+
+def build_train_step(config: Config, runtime: Runtime, replicas: Replicas = Replicas()) -> TrainStep:
     """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
     with a sync so that weights, buffers and optimizer state are device data before step 1 and
     step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
-    model = build_model(config)
+    with _INIT_LOCK:
+        torch.manual_seed(config.train.seed)
+        model = build_model(config)
     ema = None
     if config.train.ema_decay > 0:
         average = build_model(config)
@@ -66,9 +77,15 @@ def build_train_step(config: Config, runtime: Runtime) -> TrainStep:
         ema = WeightAverage(model.to(runtime.device), average.to(runtime.device), config.train.ema_decay)
     model = model.to(runtime.device).train()
     loss_fn = build_loss(config).to(runtime.device).train()
+    # Across replicas: the positives normaliser and cross-replica BatchNorm statistics are
+    # averaged inside the graph, and so are the gradients before the update.
+    loss_fn.average_across_replicas = replicas.mean
+    set_replica_averaging(model, replicas.differentiable_mean, replicas.world)
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
     optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
-    step = TrainStep(model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema=ema)
+    step = TrainStep(
+        model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, replicas, ema
+    )
     runtime.sync()
     return step

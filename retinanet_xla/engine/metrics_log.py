@@ -57,3 +57,22 @@ class MetricsLog:
         self.progress.stop()
         self.tensorboard.close()
         self.jsonl.close()
+
+
+class SilentLog:
+    """What replicas other than the master log: nothing."""
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, values: Dict[str, float]) -> None:
+        pass
+
+    def write_eval(self, step: int, metrics: Dict[str, float]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -4,6 +4,7 @@ eager CPU/CUDA. Everything XLA-specific the loop needs sits behind this one clas
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional
@@ -11,6 +12,66 @@ from typing import Callable, Dict, Iterable, Iterator, Optional
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def _compile_progress() -> int:
+    """Grows when a graph of this process was compiled (cached) or found in the cache."""
+    import torch_xla.debug.metrics as metrics
+    import torch_xla.runtime as xr
+
+    return xr.get_num_cached_compilation_graph() + (metrics.counter_value("CachedCompile") or 0)
+
+
+class LaunchOrder:
+    """Replicas that are threads of one process (the CPU client; TPU v3's two cores per process)
+    get each collective graph from one compilation.
+
+    Two threads compiling the same graph at once give its all-reduce different op ids, and it
+    deadlocks until XLA aborts the process after 10 s (torch-xla 2.9.0, CPU). So the replicas
+    take turns in rank order, and a replica's turn ends as soon as its graph is compiled or
+    found in the cache: not when it returns, because a launch may run the graph inline, which
+    waits in the all-reduce for the next replicas to launch theirs. At most one replica is
+    between "started" and "past compilation" at a time, so the process-wide counters tell.
+    """
+
+    def __init__(self, world: int):
+        self.world = world
+        self._cond = threading.Condition()
+        self._started = [0] * world  # collective launches each replica has started
+        self._passed = [0] * world  # ... and got past compilation
+        self._marks = [0] * world  # _compile_progress() when each replica started its last one
+
+    def _may_start(self, rank: int, launch_number: int) -> bool:
+        progress = _compile_progress()
+        for k in range(self.world):
+            if self._passed[k] < self._started[k] and progress > self._marks[k]:
+                self._passed[k] = self._started[k]
+        before = all(self._passed[k] > launch_number for k in range(rank))
+        after = all(self._passed[k] >= launch_number for k in range(rank + 1, self.world))
+        return before and after
+
+    def run(self, rank: int, launch: Callable[[], None]) -> None:
+        with self._cond:
+            number = self._started[rank]
+            while not self._may_start(rank, number):
+                self._cond.wait(0.005)
+            self._started[rank], self._marks[rank] = number + 1, _compile_progress()
+        try:
+            launch()
+        finally:
+            with self._cond:
+                self._passed[rank] = max(self._passed[rank], number + 1)
+                self._cond.notify_all()
+
+
+_LAUNCH_ORDERS: Dict[int, LaunchOrder] = {}
+_LAUNCH_ORDERS_LOCK = threading.Lock()
+
+
+def launch_order(world: int) -> LaunchOrder:
+    """The one LaunchOrder of this process's ``world`` replica threads."""
+    with _LAUNCH_ORDERS_LOCK:
+        return _LAUNCH_ORDERS.setdefault(world, LaunchOrder(world))
 
 
 def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
@@ -32,9 +93,12 @@ def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 
 class Runtime:
-    def __init__(self, kind: str = "xla", compile_cache: Optional[str] = None):
+    def __init__(self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[LaunchOrder] = None):
         self.kind = kind
+        self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
+        self._after_sync = []
+        self._tokens = []
         if kind == "xla":
             import torch_xla
             import torch_xla.runtime as xr
@@ -59,12 +123,24 @@ class Runtime:
     def is_xla(self) -> bool:
         return self.kind == "xla"
 
-    def sync(self) -> None:
-        """End the traced step: XLA compiles (first time) and launches the graph asynchronously."""
+    def sync(self, collective: bool = False) -> None:
+        """End the traced step: XLA compiles (first time) and launches the graph asynchronously.
+        ``collective``: the graph all-reduces across replicas and every replica launches it at
+        the same point (see LaunchOrder). Then the ``on_step_end`` callbacks run."""
         if self.is_xla:
             import torch_xla
 
+            if collective and self.order is not None:
+                device = torch_xla._XLAC._xla_get_default_device()
+                self.order.run(self.rank, lambda: torch_xla._XLAC._xla_step_marker(device, [], wait=False))
+                # sync() below drops the step's all-reduce token. Freeing it would wait for
+                # this step while holding the GIL, so the other replicas could never launch
+                # theirs: keep it for three more launches, by when it is surely computed.
+                self._tokens = [*self._tokens, torch_xla._XLAC._get_all_reduce_token(device)][-3:]
             torch_xla.sync()
+        pending, self._after_sync = self._after_sync, []
+        for callback, tensors in pending:
+            callback({k: v.item() for k, v in tensors.items()})
 
     def separate_scalars(self, tensors: Iterable[torch.Tensor]) -> None:
         """Give every 0-dim tensor its own device buffer, then sync.
@@ -92,14 +168,10 @@ class Runtime:
             torch.cuda.synchronize()
 
     def on_step_end(self, callback: Callable, tensors: Dict[str, torch.Tensor]) -> None:
-        """Call ``callback(values)`` with host copies of ``tensors`` once the step has run,
-        without making the host wait for the device (a step closure on XLA)."""
-        if self.is_xla:
-            import torch_xla.core.xla_model as xm
-
-            xm.add_step_closure(lambda: callback({k: v.item() for k, v in tensors.items()}))
-        else:
-            callback({k: v.item() for k, v in tensors.items()})
+        """Call ``callback(values)`` with host copies of ``tensors`` right after the next
+        ``sync()`` has launched the step (what a torch_xla step closure does). Only the steps
+        that log pay the wait for the device."""
+        self._after_sync.append((callback, tensors))
 
     def autocast(self, precision: str):
         if precision != "bf16":

@@ -1,19 +1,16 @@
 """The training step: forward, loss, backward, clipping and the optimizer update, traced as one
 graph. It returns device tensors only; nothing here waits for the device."""
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from retinanet_xla.engine.ema import WeightAverage
 from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule
+from retinanet_xla.engine.replicas import Replicas
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.ops import DetectionLoss
-
-
-def _no_reduction() -> None:
-    return None
 
 
 class TrainStep:
@@ -27,7 +24,7 @@ class TrainStep:
         runtime: Runtime,
         precision: str = "fp32",
         grad_clip_norm: float = 0.0,
-        reduce_gradients: Callable[[], None] = _no_reduction,
+        replicas: Replicas = Replicas(),
         ema: Optional[WeightAverage] = None,
     ):
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
@@ -35,7 +32,7 @@ class TrainStep:
         self.runtime = runtime
         self.precision = precision
         self.grad_clip_norm = grad_clip_norm
-        self.reduce_gradients = reduce_gradients
+        self.replicas = replicas
         self.ema = ema
         # The step counter lives on the device: the learning rate is computed from it inside
         # the graph, so a changing rate never changes the graph.
@@ -48,17 +45,19 @@ class TrainStep:
             outputs = self.model(self.model.normalize(batch["images"]))
         losses = self.loss_fn(outputs, self.anchors, batch["boxes"], batch["labels"], batch["crowd"])
         losses["loss"].backward()
-        self.reduce_gradients()
+        self.replicas.average_gradients(self.optimizer.params)
         grad_norm = self._clip_gradients()
         lr = self.schedule(self.step)
         self.optimizer.step(lr)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
+        # What is logged is the mean over replicas (the foreground count already is).
+        loss, cls_loss, box_loss = self.replicas.mean(torch.stack([losses[k].detach() for k in ("loss", "cls_loss", "box_loss")]))
         return {
-            "loss": losses["loss"].detach(),
-            "cls_loss": losses["cls_loss"].detach(),
-            "box_loss": losses["box_loss"].detach(),
+            "loss": loss,
+            "cls_loss": cls_loss,
+            "box_loss": box_loss,
             "num_foreground": losses["num_foreground"].detach(),
             "lr": lr,
             "grad_norm": grad_norm,

@@ -2,7 +2,8 @@
 then one loop over steps.
 
 Periodic work (logging, checkpoints, evaluation) happens at step boundaries; values reach the
-host through step closures, so the host never waits for the device inside the loop.
+host only at log steps (``Runtime.on_step_end``), so the host does not wait for the device on
+the other steps. With several replicas, this is one replica's loop (docs/tpu.md).
 """
 
 import json
@@ -20,9 +21,10 @@ from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.engine.build import build_train_step
 from retinanet_xla.engine.checkpoint import CheckpointError
 from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
-from retinanet_xla.engine.metrics_log import MetricsLog
-from retinanet_xla.engine.preemption import PreemptionGuard
-from retinanet_xla.engine.runtime import Runtime, Stopwatch
+from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
+from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
+from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
+from retinanet_xla.engine.runtime import Runtime, Stopwatch, launch_order
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -89,20 +91,23 @@ def _finite(values: Dict[str, float]) -> bool:
 
 
 class Trainer:
-    def __init__(self, config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None):
-        self.config, self.output_dir = config, Path(output_dir)
-        world_size = config.runtime.num_devices or 1
+    """One replica's training loop (the only one, on a single device)."""
+
+    def __init__(self, config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None, replicas: Replicas = Replicas()):
+        self.config, self.output_dir, self.replicas = config, Path(output_dir), replicas
+        world_size = replicas.world
+        if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
+            raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
         self.batch_size = replica_batch_size(config, world_size)
-        if world_size != 1:
-            raise ConfigError(f"runtime.num_devices is {world_size}; this version trains on one device (set it to 1)")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.output_dir / "config.yaml")
-        torch.manual_seed(config.train.seed)
+        if replicas.is_master:
+            save_config(config, self.output_dir / "config.yaml")
         self.coco = dataset_split(config, "train", self.output_dir)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-        self.runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
-        self.step_fn = build_train_step(config, self.runtime)
+        order = launch_order(world_size) if replicas.threaded and world_size > 1 else None
+        self.runtime = Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order)
+        self.step_fn = build_train_step(config, self.runtime, replicas)
         self.start_step, self.best_ap = 0, float("-inf")
         if resume:
             self._restore()
@@ -110,12 +115,12 @@ class Trainer:
         dataset = DetectionDataset(self.coco.records, self.coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation)
         # The sampler restarts at the batch the checkpoint reached: the resumed run sees the
         # same images with the same augmentation as an uninterrupted one.
-        sampler = TrainSampler(len(dataset), self.batch_size, world_size, 0, config.train.seed, start_batch=self.start_step)
+        sampler = TrainSampler(len(dataset), self.batch_size, world_size, replicas.rank, config.train.seed, start_batch=self.start_step)
         self.counters = BatchCounters(build_loader(dataset, sampler, self.batch_size, config.data.num_workers))
         self.num_images = len(dataset)
 
         self.evaluator = None
-        if config.train.eval_every > 0:
+        if config.train.eval_every > 0 and replicas.is_master:  # the others wait meanwhile
             from retinanet_xla.evaluation.evaluator import Evaluator
 
             val = dataset_split(config, "val", self.output_dir)
@@ -171,7 +176,11 @@ class Trainer:
         logger.warning("resuming from %s (step %d)", path, self.start_step)
 
     def _save(self, step: int) -> None:
-        self.last_checkpoint = self.checkpoints.save(step, self._payload(step))
+        """The master writes (every replica holds the same weights); the others wait for it
+        on the host, not inside the next step's all-reduce."""
+        if self.replicas.is_master:
+            self.last_checkpoint = self.checkpoints.save(step, self._payload(step))
+        self.replicas.barrier()
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -194,27 +203,37 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> Dict:
-        c, runtime = self.config.train, self.runtime
-        log = MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console)
+        c, runtime, replicas = self.config.train, self.runtime, self.replicas
+        log = MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console) if replicas.is_master else SilentLog()
         log.message(
-            f"training steps {self.start_step + 1}-{c.steps}, batch {c.batch_size}, {self.num_images} images, "
-            f"{self.config.data.image_size[0]}x{self.config.data.image_size[1]}, on {runtime.device} -> {self.output_dir}"
+            f"training steps {self.start_step + 1}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
+            f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
+            f"on {runtime.device} -> {self.output_dir}"
         )
         batches = runtime.device_batches(self.counters)
+        replicas.barrier()  # every replica is past its own setup graphs before step 1's
         clock = Stopwatch()
         warm_clock, warmup_compilations, first_step_seconds = None, 0, 0.0
         first = self.start_step + 1
         try:
-            with PreemptionGuard() as guard:
+            with PreemptionGuard(stop_file(self.output_dir)) as guard:
                 for step in range(first, c.steps + 1):
                     outputs = self.step_fn(next(batches))
                     is_last = step == c.steps
                     checkpoint_now = step % c.checkpoint_every == 0 or is_last
                     # Checkpoint steps are log steps too: the loss is known to be finite before
                     # the weights are written, so the last checkpoint is always a good one.
-                    if step == first or step % c.log_every == 0 or checkpoint_now or guard.requested:
+                    log_now = step == first or step % c.log_every == 0 or checkpoint_now
+                    if replicas.is_master and (log_now or guard.requested):
                         runtime.on_step_end(lambda values, s=step: self._on_log(s, values, clock, log), outputs)
-                    runtime.sync()
+                    runtime.sync(collective=True)
+                    # Stop and divergence are decided by all replicas together, where the loop
+                    # reads values anyway (every step on a single device).
+                    stop, diverged = guard.requested, self.diverged_at is not None
+                    if replicas.world == 1 or log_now:
+                        stop, diverged = replicas.agree([stop, diverged], runtime)
+                    else:
+                        stop = diverged = False
                     if step == first:
                         runtime.wait()
                         warmup_compilations = runtime.compilations()["count"]
@@ -223,24 +242,24 @@ class Trainer:
                         log.message(f"step {step} done in {first_step_seconds:.1f} s ({warmup_compilations} graphs compiled)")
                     elif step % c.log_every == 0 or is_last:
                         new = runtime.compilations()["count"] - warmup_compilations
-                        if new:
+                        if new and replicas.is_master:
                             logger.warning("%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step)
-                    if self.diverged_at is not None:
+                    if diverged:
                         raise TrainingDiverged(
-                            f"the loss is not finite at step {self.diverged_at}; stopping (last good checkpoint: {self.last_checkpoint or 'none'})"
+                            f"the loss is not finite at step {self.diverged_at or step}; stopping (last good checkpoint: {self.last_checkpoint or 'none'})"
                         )
                     log.advance(step)
-                    if checkpoint_now or guard.requested:
+                    if checkpoint_now or stop:
                         self._save(step)
-                    if self.evaluator is not None and (step % c.eval_every == 0 or is_last):
+                    if self.config.train.eval_every > 0 and (step % c.eval_every == 0 or is_last):
                         before, first_evaluation = runtime.compilations()["count"], self.last_eval is None
                         self._evaluate(step, log)
                         if first_evaluation:  # compiling the eval graph is warm-up too
                             warmup_compilations += runtime.compilations()["count"] - before
-                    if guard.requested and not is_last:
+                    if stop and not is_last:
                         raise TrainingInterrupted(
-                            f"stopped by signal {guard.signal_number} at step {step}; saved {self.last_checkpoint}; "
-                            "run the same command again to resume"
+                            f"stopped {guard.reason or 'because another replica was asked to'} at step {step}; "
+                            f"saved {self.last_checkpoint}; run the same command again to resume"
                         )
             runtime.wait()
         finally:
@@ -248,6 +267,10 @@ class Trainer:
         return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
+        """The master evaluates the whole split on its device while the others wait."""
+        if self.evaluator is None:
+            self.replicas.barrier()
+            return
         # With a weight average, it is what gets evaluated (and what eval uses later).
         model = self.step_fn.ema.model if self.step_fn.ema is not None else self.step_fn.model
         metrics = self.evaluator.evaluate(model)["metrics"]
@@ -256,6 +279,7 @@ class Trainer:
         if metrics["AP"] > self.best_ap:
             self.best_ap = metrics["AP"]
             self.checkpoints.save_best(self._payload(step))
+        self.replicas.barrier()
 
     def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int) -> Dict:
         c = self.config.train
@@ -282,11 +306,32 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "eval": self.last_eval,
         }
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["replicas"] = self.replicas.world
+        if self.replicas.is_master:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if summary["compilations_after_warmup"]:
             logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
         return summary
 
 
 def train(config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None) -> Dict:
-    return Trainer(config, output_dir, resume, console).run()
+    """Train on one device in this process, or with one replica per local XLA device
+    (``runtime.num_devices`` null: all of them). Returns the summary."""
+    output_dir = Path(output_dir)
+    stop_file(output_dir).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    if replicas == 1:
+        return Trainer(config, output_dir, resume, console).run()
+    if replicas is not None:
+        replica_batch_size(config, replicas)  # fail before starting anything
+    # Data the replicas share is written once, before they start reading it.
+    dataset_split(config, "train", output_dir)
+    if config.train.eval_every > 0:
+        dataset_split(config, "val", output_dir)
+    with PreemptionGuard(stop_file(output_dir)):
+        launch(_train_replica, (config, output_dir, resume), (TrainingDiverged, TrainingInterrupted), config.runtime.num_devices)
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+def _train_replica(replicas: Replicas, config: Config, output_dir: Path, resume: bool) -> None:
+    Trainer(config, output_dir, resume, replicas=replicas).run()

@@ -11,7 +11,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -28,12 +27,13 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
 
     ``average_across_replicas`` must be a differentiable mean over replicas (the trainer installs
     torch_xla's all-reduce); with the default identity it is exactly ``nn.BatchNorm2d``. Every
-    replica has the same per-replica batch, so the mean of per-replica moments is the global one.
-    The running variance's unbiasing factor uses the per-replica count (n/(n-1) with n the values
-    per channel on one replica), a negligible difference for the batch sizes that need this layer.
+    replica has the same per-replica batch, so the mean of per-replica moments is the global one,
+    and the running variance is unbiased with the global count, as one BatchNorm over the global
+    batch would.
     """
 
     average_across_replicas: Callable[[Tensor], Tensor] = staticmethod(_identity)
+    num_replicas: int = 1
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.average_across_replicas is _identity:
@@ -43,12 +43,17 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
         var = (mean_of_squares - mean * mean).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
-                count = x.numel() / x.shape[1]
+                count = x.numel() / x.shape[1] * self.num_replicas
                 self.num_batches_tracked.add_(1)
                 unbiased = var * (count / max(count - 1, 1))
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(unbiased, self.momentum)
-        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        # The statistics carry gradient (through the all-reduce), so F.batch_norm cannot take them.
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = (self.bias if self.affine else 0) - mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
 def norm_layer(name: str) -> Callable[[int], nn.Module]:
@@ -82,8 +87,9 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def set_replica_averaging(module: nn.Module, average_across_replicas: Callable[[Tensor], Tensor]) -> None:
+def set_replica_averaging(module: nn.Module, average_across_replicas: Callable[[Tensor], Tensor], num_replicas: int) -> None:
     """Install the cross-replica mean on every CrossReplicaBatchNorm2d inside ``module``."""
     for layer in module.modules():
         if isinstance(layer, CrossReplicaBatchNorm2d):
             layer.average_across_replicas = average_across_replicas
+            layer.num_replicas = num_replicas

@@ -1,0 +1,145 @@
+"""Several replicas through ``xmp.spawn``: two CPU XLA devices (``CPU_NUM_DEVICES=2``), which
+torch_xla runs as two threads of one child process, through the real CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinanet_xla.engine.checkpoint import load_checkpoint
+from tests.cli_helpers import ROOT, run_cli, train_command
+
+pytestmark = pytest.mark.xla
+
+NO_AUGMENTATION = [
+    "data.augmentation.scale_min=1.0",
+    "data.augmentation.scale_max=1.0",
+    "data.augmentation.hflip_probability=0.0",
+    "data.augmentation.brightness=0.0",
+    "data.augmentation.contrast=0.0",
+    "data.augmentation.saturation=0.0",
+]
+# Global batch 4 (TINY): 2 images per replica. Cross-replica BatchNorm over 2 x 2 images must
+# equal BatchNorm over 4 on one device.
+SETTINGS = [
+    "train.steps=3",
+    "train.log_every=1",
+    "train.checkpoint_every=1",
+    "train.keep_checkpoints=10",
+    "model.backbone.norm=cross_replica_bn",
+    *NO_AUGMENTATION,
+]
+TWO_DEVICES = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "2"}
+
+
+class TwoDeviceRun:
+    """``command`` with two CPU devices, in its own process group, output in files (a leftover
+    replica process holding a pipe would keep the test waiting); leftovers are killed at the end."""
+
+    def __init__(self, command, workdir: Path):
+        self.command, self.out, self.err = command, workdir / "stdout.txt", workdir / "stderr.txt"
+        with self.out.open("w") as stdout, self.err.open("w") as stderr:
+            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=TWO_DEVICES, cwd=ROOT, start_new_session=True)
+
+    def finish(self, timeout: int) -> subprocess.CompletedProcess:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return subprocess.CompletedProcess(self.command, code, self.out.read_text(), self.err.read_text())
+
+
+def run_on_two_devices(command, workdir: Path, timeout: int) -> subprocess.CompletedProcess:
+    return TwoDeviceRun(command, workdir).finish(timeout)
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory):
+    output = tmp_path_factory.mktemp("two_replicas")
+    return output, run_on_two_devices(train_command(output, *SETTINGS, "runtime.num_devices=null"), output, timeout=900)
+
+
+def test_two_replicas_train_through_the_cli(two_replicas):
+    output, result = two_replicas
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["replicas"] == 2
+    assert summary["compilations_after_warmup"] == 0
+    assert summary["images"] == 3 * 4  # the global batch
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (1, 2, 3)]
+    # Only the master logs: one line per step, one start message, one TensorBoard file.
+    logged = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    assert result.stderr.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
+    assert len(list((output / "tensorboard").glob("events.*"))) == 1
+
+
+def test_two_replicas_make_the_same_update_as_one_device_with_the_global_batch(two_replicas, tmp_path, capsys, monkeypatch):
+    output, result = two_replicas
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = tmp_path / "one_device"
+    cli = run_cli(capsys, monkeypatch, *train_command(single, *SETTINGS, "runtime.num_devices=1")[1:])
+    assert cli.exit_code == 0, cli.stderr[-3000:]
+    for step, tolerance in ((1, 1e-5), (3, 1e-4)):
+        name = f"checkpoints/step_0000000{step}.pt"
+        two, one = load_checkpoint(output / name)["model"], load_checkpoint(single / name)["model"]
+        assert two.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=tolerance, atol=tolerance, msg=f"step {step}: {key}")
+    first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
+    assert first(output)["loss"] == pytest.approx(first(single)["loss"], rel=1e-5)
+    assert first(output)["num_foreground"] == pytest.approx(first(single)["num_foreground"] / 2)  # a mean over replicas
+
+
+def test_a_failing_replica_ends_the_run_quickly_with_its_message(tmp_path):
+    script = (
+        "from retinanet_xla.engine.replicas import launch\n"
+        "from tests.replica_faults import fail_on_replica_1\n"
+        "launch(fail_on_replica_1, ())\n"
+    )
+    started = time.monotonic()
+    result = run_on_two_devices([sys.executable, "-c", script], tmp_path, timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "error: replica 1 failed: RuntimeError: injected failure" in result.stderr
+    assert "ReplicaFailed: a replica process ended abnormally" in result.stderr
+    assert elapsed < 120  # replica 0 alone would sleep for 600 s
+
+
+def test_a_global_batch_that_does_not_split_over_the_replicas_is_refused(tmp_path):
+    result = run_on_two_devices(train_command(tmp_path / "run", "train.batch_size=3", "runtime.num_devices=null"), tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: train.batch_size 3 is not divisible by the 2 replicas"
+
+
+def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path):
+    """What a TPU VM preemption does: SIGTERM to every process. The replicas ignore it, the
+    launcher asks them to stop, and they agree on the next log step."""
+    output = tmp_path / "run"
+    command = train_command(output, "train.steps=500", "train.log_every=2", "train.checkpoint_every=1000", "runtime.num_devices=null")
+    run = TwoDeviceRun(command, tmp_path)
+    try:
+        log, deadline = output / "metrics.jsonl", time.monotonic() + 600
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # steps 1 and 2: compiled
+            assert run.process.poll() is None, run.err.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never reached step 2"
+            time.sleep(0.05)
+        os.killpg(run.process.pid, signal.SIGTERM)
+    finally:
+        result = run.finish(timeout=300)
+    assert result.returncode == 75, result.stderr[-3000:]
+    saved = sorted((output / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1
+    step = int(saved[0].stem.split("_")[1])
+    assert step % 2 == 0 and 2 <= step < 500  # a log step, where the replicas agree
+    assert f"stopped by signal 15 at step {step}; saved {saved[0]}; run the same command again to resume" in result.stderr
+    assert load_checkpoint(saved[0])["step"] == step
