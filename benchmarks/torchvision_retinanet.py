@@ -22,14 +22,15 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from retinanet_xla.config import load_config
 from retinanet_xla.engine.bench import benchmark, synthetic_batches
+from retinanet_xla.models.bodies import ClassifierBody
 
 TORCHVISION_HEAD_CONVS = 4  # fixed in torchvision's RetinaNetHead
 
 
 def torchvision_model(config):
-    body = getattr(resnet, f"resnet{config.model.backbone.depth}")(weights=None)
+    body = getattr(resnet, config.model.backbone.name)(weights=None)
     channels = config.model.fpn_channels
-    in_channels = [c * (4 if config.model.backbone.depth >= 50 else 1) for c in (128, 256, 512)]
+    in_channels = ClassifierBody(config.model.backbone.name).out_channels
     backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels, LastLevelP6P7(channels, channels))
     size = max(config.data.image_size)
     return TorchvisionRetinaNet(backbone, config.model.num_classes, min_size=size, max_size=size)

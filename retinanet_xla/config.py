@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from retinanet_xla.data.transforms import Augmentation
+from retinanet_xla.models.bodies import BACKBONES
 from retinanet_xla.ops.postprocess import PostprocessConfig
 
 
@@ -50,10 +51,10 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    depth: int = 50
+    name: str = "resnet50"  # any of BACKBONES (docs/models.md)
     norm: str = "frozen_bn"  # frozen_bn | bn | cross_replica_bn | gn
     freeze_at: int = 2
-    weights: Optional[str] = None  # torchvision ImageNet ResNet .pth file
+    weights: Optional[str] = None  # the ImageNet .pth torchvision publishes for that network
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Config:
 CHOICES = {
     "data.label_mapping": ("contiguous", "raw"),
     "model.backbone.norm": ("frozen_bn", "bn", "cross_replica_bn", "gn"),
-    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.backbone.name": BACKBONES,
     "model.head.norm": ("none", "gn"),
     "loss.box_loss": ("smooth_l1", "huber", "l1", "giou"),
     "train.precision": ("bf16", "fp32"),

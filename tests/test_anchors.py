@@ -5,7 +5,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from retinanet_xla import RetinaNet
+from retinanet_xla.models.retinanet import feature_sizes as retinanet_feature_sizes
 from retinanet_xla.ops import AnchorGenerator
 
 
@@ -47,7 +47,7 @@ def test_scales_are_truncated_like_torchvision_only_when_rounding():
 def test_default_anchors_equal_torchvision_retinanet_anchors(image_size):
     sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
     reference = TorchvisionAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    feature_sizes = RetinaNet.feature_sizes(image_size)
+    feature_sizes = retinanet_feature_sizes(image_size)
     features = [torch.zeros(1, 1, h, w) for h, w in feature_sizes]
     expected = reference(ImageList(torch.zeros(1, 3, *image_size), [image_size]), features)[0]
     ours = AnchorGenerator().grid_anchors(image_size, feature_sizes)

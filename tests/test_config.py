@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_defaults_are_the_reference_recipe():
     config = load_config()
     assert config.data.image_size == [640, 640]
-    assert config.model.backbone.depth == 50 and config.model.anchors.offset == 0.5
+    assert config.model.backbone.name == "resnet50" and config.model.anchors.offset == 0.5
     assert config.model.box_coder_weights == [10.0, 10.0, 5.0, 5.0]
     assert (config.loss.focal_alpha, config.loss.focal_gamma, config.loss.box_loss_beta) == (0.25, 1.5, 0.1)
     assert config.train.schedule.decay_steps == [53440, 62820]
@@ -19,11 +19,11 @@ def test_defaults_are_the_reference_recipe():
 
 def test_overrides_convert_types_and_extends_merges(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("train: {steps: 10, batch_size: 4}\nmodel: {backbone: {depth: 18}}\n")
+    base.write_text("train: {steps: 10, batch_size: 4}\nmodel: {backbone: {name: resnet18}}\n")
     child = tmp_path / "child.yaml"
     child.write_text("extends: base.yaml\ntrain: {steps: 20}\n")
     config = load_config(child, ["data.image_size=[512,256]", "train.schedule.base_lr=1e-3", "data.train.annotations=a.json"])
-    assert config.train.steps == 20 and config.train.batch_size == 4 and config.model.backbone.depth == 18
+    assert config.train.steps == 20 and config.train.batch_size == 4 and config.model.backbone.name == "resnet18"
     assert config.data.image_size == [512, 256] and config.train.schedule.base_lr == 0.001
     assert config.data.train.annotations == "a.json"
 
@@ -35,7 +35,7 @@ def test_every_shipped_config_loads(path):
 
 def test_public_key_names_exist():
     public = """data.train.annotations data.train.images data.val.annotations data.val.images data.image_size
-    data.max_boxes data.label_mapping model.num_classes model.backbone.depth train.batch_size train.steps
+    data.max_boxes data.label_mapping model.num_classes model.backbone.name train.batch_size train.steps
     train.log_every train.checkpoint_every train.eval_every train.precision train.output_dir runtime.device
     runtime.num_devices""".split()
     assert set(public) <= set(all_keys())

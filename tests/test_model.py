@@ -49,7 +49,7 @@ def test_torchvision_state_dict_loads_strictly_and_outputs_match(torchvision_mod
 
 @pytest.mark.parametrize("image_size", [(64, 64), (100, 75), (33, 129)])
 def test_feature_sizes_and_anchor_count_match_the_network(image_size):
-    model = RetinaNet(num_classes=2, depth=18, fpn_channels=32, head_convs=1).eval()
+    model = RetinaNet(num_classes=2, backbone="resnet18", fpn_channels=32, head_convs=1).eval()
     with torch.no_grad():
         features = model.backbone(torch.zeros(1, 3, *image_size))
         outputs = model(torch.zeros(1, 3, *image_size))
@@ -59,20 +59,20 @@ def test_feature_sizes_and_anchor_count_match_the_network(image_size):
 
 
 def test_classification_prior_and_regression_init():
-    model = RetinaNet(num_classes=4, depth=18, fpn_channels=32, head_convs=2).eval()
+    model = RetinaNet(num_classes=4, backbone="resnet18", fpn_channels=32, head_convs=2).eval()
     with torch.no_grad():
         probabilities = torch.sigmoid(model(torch.zeros(1, 3, 64, 64))["cls_logits"])
     assert probabilities.mean().item() == pytest.approx(0.01, rel=0.05)
 
 
 def test_freeze_at_freezes_stem_and_stages_with_frozen_batch_norm():
-    model = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=2)
+    model = RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=2)
     body = model.backbone.body
     assert not body.conv1.weight.requires_grad and not any(p.requires_grad for p in body.layer1.parameters())
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer1[0].bn1, FrozenBatchNorm2d)
     assert all(p.requires_grad for p in body.layer2.parameters())
     assert type(body.layer2[0].bn1) is nn.BatchNorm2d
-    unfrozen = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=0).backbone.body
+    unfrozen = RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=0).backbone.body
     assert unfrozen.conv1.weight.requires_grad and type(unfrozen.bn1) is nn.BatchNorm2d
 
 
@@ -89,7 +89,7 @@ def test_imagenet_weights_load_from_a_local_file(tmp_path):
     classifier = resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(classifier.state_dict(), path)
-    model = RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=path)
+    model = RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=path)
     torch.testing.assert_close(model.backbone.body.layer3[1].conv2.weight, classifier.layer3[1].conv2.weight)
     torch.testing.assert_close(model.backbone.body.bn1.running_var, classifier.bn1.running_var)
 
@@ -98,15 +98,15 @@ def test_wrong_weights_file_gives_one_line_error(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(resnet34().state_dict(), path)
     with pytest.raises(ValueError) as error:
-        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=path)
+        RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and "resnet18" in message and "unexpected layer1.2" in message
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a PyTorch state dict"):
-        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=garbage)
+        RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=garbage)
     with pytest.raises(ValueError, match="does not exist"):
-        RetinaNet(depth=18, fpn_channels=32, head_convs=1, backbone_weights=tmp_path / "missing.pth")
+        RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=tmp_path / "missing.pth")
 
 
 def test_cross_replica_batch_norm_uses_global_statistics():
@@ -127,9 +127,9 @@ def test_cross_replica_batch_norm_uses_global_statistics():
 
 
 def test_model_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="ResNet depth must be one of"):
-        RetinaNet(depth=42)
+    with pytest.raises(ValueError, match="backbone must be one of resnet18, resnet34, "):
+        RetinaNet(backbone="resnet42")
     with pytest.raises(ValueError, match="norm must be one of"):
-        RetinaNet(depth=18, backbone_norm="layer")
+        RetinaNet(backbone="resnet18", backbone_norm="layer")
     with pytest.raises(ValueError, match="freeze_at"):
-        RetinaNet(depth=18, freeze_at=7)
+        RetinaNet(backbone="resnet18", freeze_at=7)

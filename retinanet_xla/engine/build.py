@@ -28,7 +28,7 @@ def _build_model(config: Config) -> RetinaNet:
     anchors = AnchorGenerator(m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding)
     return RetinaNet(
         num_classes=m.num_classes,
-        depth=m.backbone.depth,
+        backbone=m.backbone.name,
         fpn_channels=m.fpn_channels,
         head_convs=m.head.convs,
         head_norm=m.head.norm,

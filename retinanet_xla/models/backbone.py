@@ -1,6 +1,7 @@
-"""ResNet body + FPN, laid out with torchvision's parameter names.
+"""Body + FPN, laid out with torchvision's parameter names.
 
-``backbone.body.*`` is torchvision's ResNet without ``avgpool``/``fc`` and
+``backbone.body.*`` is a torchvision classifier without its pooling and classifier
+(``bodies.py``; for ResNet-50, torchvision's ResNet without ``avgpool``/``fc``) and
 ``backbone.fpn.*`` is torchvision's ``FeaturePyramidNetwork`` with ``LastLevelP6P7``, so a
 torchvision RetinaNet state dict loads into ours with ``strict=True``.
 """
@@ -8,80 +9,10 @@ torchvision RetinaNet state dict loads into ours with ``strict=True``.
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet
 
-from retinanet_xla.models.norm import freeze_batch_norm, norm_layer
-
-RESNET_DEPTHS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101, 152: resnet.resnet152}
-STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-class ResNetBody(nn.Module):
-    """torchvision's ResNet up to ``layer4``; returns C3, C4, C5 (strides 8, 16, 32)."""
-
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn"):
-        super().__init__()
-        if depth not in RESNET_DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth}")
-        net = RESNET_DEPTHS[depth](weights=None, norm_layer=norm_layer(norm))
-        self.depth = depth
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = 4 if depth >= 50 else 1
-        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
-
-    def forward(self, x: Tensor) -> List[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c3, c4, c5]
-
-    def freeze(self, freeze_at: int) -> None:
-        """detectron2's ``freeze_at``: 0 trains everything, 1 freezes the stem, k >= 2 also
-        freezes ``layer1`` .. ``layer{k-1}``. Frozen stages get frozen BatchNorm too."""
-        if not 0 <= freeze_at <= 5:
-            raise ValueError(f"freeze_at must be between 0 and 5, got {freeze_at}")
-        frozen = [self.conv1, self.bn1] if freeze_at >= 1 else []
-        frozen += [getattr(self, stage) for stage in STAGES[: max(freeze_at - 1, 0)]]
-        for module in frozen:
-            module.requires_grad_(False)
-        if freeze_at >= 1:
-            self.bn1 = freeze_batch_norm(self.bn1)
-        for stage in STAGES[: max(freeze_at - 1, 0)]:
-            setattr(self, stage, freeze_batch_norm(getattr(self, stage)))
-
-    def load_imagenet_weights(self, path: Path) -> None:
-        """Load a torchvision ImageNet ResNet state dict (the ``.pth`` torchvision downloads);
-        ``fc.*`` is ignored. Raises ``ValueError`` naming the file and first mismatched keys."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"backbone weights file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle, zip and weights_only errors all mean "not a state dict"
-            raise ValueError(f"backbone weights file {path} is not a PyTorch state dict: {error}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"backbone weights file {path} is not a state dict of tensors")
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        own = self.state_dict()
-        # A frozen BatchNorm has no num_batches_tracked; an ImageNet file does.
-        state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-        problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-            if keys:
-                problems.append(f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-        if problems:
-            raise ValueError(f"backbone weights file {path} does not fit resnet{self.depth}: {'; '.join(problems)}")
-        self.load_state_dict(state, strict=False)
-
+from retinanet_xla.models.bodies import ClassifierBody
 
 def upsample_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour upsampling to ``size``, equal to ``F.interpolate(mode="nearest")``.
@@ -140,19 +71,19 @@ class FeaturePyramid(nn.Module):
         return outputs + self.extra_blocks(outputs[-1])
 
 
-class ResNetFPN(nn.Module):
+class BackboneWithFPN(nn.Module):
     """The RetinaNet backbone: five feature maps P3-P7 with ``out_channels`` channels each."""
 
     def __init__(
         self,
-        depth: int = 50,
+        name: str = "resnet50",
         channels: int = 256,
         norm: str = "frozen_bn",
         freeze_at: int = 2,
         weights: Optional[Path] = None,
     ):
         super().__init__()
-        self.body = ResNetBody(depth, norm)
+        self.body = ClassifierBody(name, norm)
         if weights is not None:
             self.body.load_imagenet_weights(weights)
         self.body.freeze(freeze_at)

@@ -52,7 +52,7 @@ class ClassifierBody(nn.Module):
         self.block_paths: List[str] = []
         for child in trunk:
             module = getattr(self, child)
-            self.block_paths += [f"{child}.{index}" for index in range(len(module))] if child in flattened else [child]
+            self.block_paths += [f"{child}.{name}" for name, _ in module.named_children()] if child in flattened else [child]
         strides, channels = self._probe()
         self.feature_blocks = [max(i for i, s in enumerate(strides) if s == stride) for stride in (8, 16, 32)]
         self.out_channels = [channels[i] for i in self.feature_blocks]

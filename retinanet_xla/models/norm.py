@@ -7,7 +7,7 @@
 - ``gn``: GroupNorm (32 groups), independent of the batch.
 """
 
-from functools import partial
+import math
 from typing import Callable
 
 import torch
@@ -56,17 +56,28 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
-def norm_layer(name: str) -> Callable[[int], nn.Module]:
-    """A factory ``channels -> module`` for torchvision's ``norm_layer`` argument."""
-    if name == "frozen_bn":
-        return FrozenBatchNorm2d
-    if name == "bn":
-        return nn.BatchNorm2d
-    if name == "cross_replica_bn":
-        return CrossReplicaBatchNorm2d
-    if name == "gn":
-        return partial(nn.GroupNorm, GROUP_NORM_GROUPS)
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
+def convert_batch_norm(module: nn.Module, norm: str) -> nn.Module:
+    """Every ``nn.BatchNorm2d`` of a freshly built torchvision network, as ``norm`` says: ``bn``
+    keeps it, ``frozen_bn`` / ``cross_replica_bn`` swap the class (same eps and statistics),
+    ``gn`` puts GroupNorm with 32 groups (fewer where the channels do not divide) in its place.
+    Networks with their own normalisation (ConvNeXt's LayerNorm) keep it."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm == "bn":
+        return module
+    if type(module) is nn.BatchNorm2d:
+        if norm == "frozen_bn":
+            return freeze_batch_norm(module)
+        if norm == "gn":
+            return nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, module.num_features), module.num_features, eps=module.eps)
+        replica = CrossReplicaBatchNorm2d(module.num_features, module.eps, module.momentum)
+        replica.load_state_dict(module.state_dict())
+        return replica
+    for name, child in module.named_children():
+        replacement = convert_batch_norm(child, norm)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from retinanet_xla.models.backbone import ResNetFPN
+from retinanet_xla.models.backbone import BackboneWithFPN
 from retinanet_xla.models.head import RetinaNetHead
 from retinanet_xla.ops.anchors import AnchorGenerator
 
@@ -22,11 +22,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NUM_LEVELS = 5  # P3-P7
 
 
+def feature_sizes(image_size: Sequence[int], rounds_down: bool = False) -> Tuple[Tuple[int, int], ...]:
+    """Spatial sizes of P3-P7 for an input of ``image_size`` (H, W): every stride-2 step maps n
+    to ceil(n / 2) (3x3 or 7x7 convolutions with padding, 1x1 downsampling), or to floor(n / 2)
+    up to P5 when the body ``rounds_down`` (ConvNeXt's unpadded patchify and 2x2 steps).
+    P6 and P7 are padded 3x3 stride-2 convolutions."""
+    height, width = image_size
+    sizes = []
+    for level in range(1, 3 + NUM_LEVELS):
+        halve = math.floor if rounds_down and level <= 5 else math.ceil
+        height, width = halve(height / 2), halve(width / 2)
+        if level >= 3:
+            sizes.append((height, width))
+    return tuple(sizes)
+
+
 class RetinaNet(nn.Module):
     def __init__(
         self,
         num_classes: int = 91,
-        depth: int = 50,
+        backbone: str = "resnet50",
         fpn_channels: int = 256,
         head_convs: int = 4,
         head_norm: str = "none",
@@ -45,7 +60,7 @@ class RetinaNet(nn.Module):
         self.anchor_generator = anchor_generator or AnchorGenerator()
         if self.anchor_generator.num_levels != NUM_LEVELS:
             raise ValueError(f"anchors must be configured for {NUM_LEVELS} levels (P3-P7), got {self.anchor_generator.num_levels}")
-        self.backbone = ResNetFPN(depth, fpn_channels, backbone_norm, freeze_at, backbone_weights)
+        self.backbone = BackboneWithFPN(backbone, fpn_channels, backbone_norm, freeze_at, backbone_weights)
         self.head = RetinaNetHead(
             fpn_channels, self.anchor_generator.num_anchors_per_location, num_classes, head_convs, head_norm, prior_probability
         )
@@ -62,17 +77,9 @@ class RetinaNet(nn.Module):
         """Normalised images [B, 3, H, W] -> ``cls_logits`` [B, A, C], ``bbox_regression`` [B, A, 4]."""
         return self.head(self.backbone(images))
 
-    @staticmethod
-    def feature_sizes(image_size: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
-        """Spatial sizes of P3-P7 for an input of ``image_size`` (H, W): every stride-2 layer
-        (3x3 with padding 1, 7x7 with padding 3, 1x1 downsample) maps n to ceil(n / 2)."""
-        height, width = image_size
-        sizes = []
-        for level in range(1, 3 + NUM_LEVELS):
-            height, width = math.ceil(height / 2), math.ceil(width / 2)
-            if level >= 3:
-                sizes.append((height, width))
-        return tuple(sizes)
+    def feature_sizes(self, image_size: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+        """Spatial sizes of P3-P7 for an input of ``image_size`` (H, W)."""
+        return feature_sizes(image_size, self.backbone.body.rounds_down)
 
     def anchors(self, image_size: Sequence[int]) -> Tensor:
         """Anchors [A, 4] (CPU, float32) for inputs of ``image_size`` (H, W), in head-output order."""
