@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-backbones clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --json runs/bench/smoke-xla.json
 	$(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --set runtime.device=cpu --json runs/bench/smoke-eager-cpu.json
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/torchvision_retinanet.py --config configs/smoke.yaml --steps 3 --json runs/bench/torchvision-vs-ours.json
+
+# Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
+bench-backbones: $(STAMP)
+	PJRT_DEVICE=CPU $(BIN)/python benchmarks/backbones.py --steps 6 --json runs/bench/backbones.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
