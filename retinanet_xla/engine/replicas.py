@@ -2,8 +2,9 @@
 
 ``xmp.spawn`` starts one process per TPU chip (per host) and, inside it, one thread per device
 it addresses; on the CPU client (``PJRT_DEVICE=CPU CPU_NUM_DEVICES=N``) one child process with
-N threads. Every collective sits inside a compiled graph, and graphs are compiled one at a time
-per process in rank order (``runtime.LaunchOrder``), which keeps the threads' collectives matched.
+N threads. Every collective sits inside a compiled graph. When the replicas are threads of one
+process, they launch each such graph in rank order (``runtime.LaunchOrder``), so that it is
+compiled once and its collectives match.
 
 A replica that fails ends its whole process at once (``os._exit``): the others would otherwise
 wait in the next all-reduce for a partner that never comes. Decisions that end the run
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from retinanet_xla.engine.preemption import SIGNALS as STOP_SIGNALS
 
-# Host-side barrier for replicas that are threads of one process (set up by ``_replica_entry``).
+# Host-side barrier for replicas that are threads of one process (set up by ``current_replicas``).
 _THREAD_BARRIERS: Dict[int, threading.Barrier] = {}
 _BARRIERS_LOCK = threading.Lock()
 

@@ -224,16 +224,16 @@ class Trainer:
                     # Checkpoint steps are log steps too: the loss is known to be finite before
                     # the weights are written, so the last checkpoint is always a good one.
                     log_now = step == first or step % c.log_every == 0 or checkpoint_now
-                    if replicas.is_master and (log_now or guard.requested):
+                    # Replicas decide to stop (a request, a non-finite loss) together, at log
+                    # steps, where the master reads values anyway; a single device at any step.
+                    decision_step = log_now or replicas.world == 1
+                    stop_requested = decision_step and guard.requested
+                    if replicas.is_master and (log_now or stop_requested):
                         runtime.on_step_end(lambda values, s=step: self._on_log(s, values, clock, log), outputs)
                     runtime.sync(collective=True)
-                    # Stop and divergence are decided by all replicas together, where the loop
-                    # reads values anyway (every step on a single device).
-                    stop, diverged = guard.requested, self.diverged_at is not None
-                    if replicas.world == 1 or log_now:
-                        stop, diverged = replicas.agree([stop, diverged], runtime)
-                    else:
-                        stop = diverged = False
+                    stop, diverged = False, False
+                    if decision_step:
+                        stop, diverged = replicas.agree([stop_requested, self.diverged_at is not None], runtime)
                     if step == first:
                         runtime.wait()
                         warmup_compilations = runtime.compilations()["count"]
