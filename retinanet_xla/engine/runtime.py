@@ -23,8 +23,8 @@ def _compile_progress() -> int:
 
 
 class LaunchOrder:
-    """Replicas that are threads of one process (the CPU client; TPU v3's two cores per process)
-    get each collective graph from one compilation.
+    """Replicas that are threads of one process (the CPU client with ``CPU_NUM_DEVICES=N``) get
+    each collective graph from one compilation.
 
     Two threads compiling the same graph at once give its all-reduce different op ids, and it
     deadlocks until XLA aborts the process after 10 s (torch-xla 2.9.0, CPU). So the replicas
