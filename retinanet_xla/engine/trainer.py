@@ -251,7 +251,7 @@ class Trainer:
                     log.advance(step)
                     if checkpoint_now or stop:
                         self._save(step)
-                    if self.config.train.eval_every > 0 and (step % c.eval_every == 0 or is_last):
+                    if c.eval_every > 0 and (step % c.eval_every == 0 or is_last):
                         before, first_evaluation = runtime.compilations()["count"], self.last_eval is None
                         self._evaluate(step, log)
                         if first_evaluation:  # compiling the eval graph is warm-up too
@@ -305,8 +305,8 @@ class Trainer:
             "device": str(self.runtime.device),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "eval": self.last_eval,
+            "replicas": self.replicas.world,
         }
-        summary["replicas"] = self.replicas.world
         if self.replicas.is_master:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if summary["compilations_after_warmup"]:
