@@ -168,6 +168,19 @@ def test_worker_processes_give_the_same_batches(synthetic):
             assert torch.equal(a[key], b[key]), key
 
 
+def test_starting_a_loader_leaves_the_global_rng_alone(synthetic):
+    """Replica threads share torch's global RNG; a loader drawing from it while another replica
+    initialises its model under the seed would give that replica different weights."""
+    coco = load_coco(synthetic["train"]["annotations"], synthetic["train"]["images"])
+    dataset = DetectionDataset(coco.records, coco.mapping, (64, 64), 8, Augmentation())
+    loader = build_loader(dataset, TrainSampler(len(dataset), 2, seed=3), 2, num_workers=1)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    next(iter(loader))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_train_sharding_is_disjoint_and_resumable():
     replicas = [TrainSampler(50, batch_size=4, num_replicas=3, rank=r, seed=7) for r in range(3)]
     per_epoch = replicas[0].batches_per_epoch * 4

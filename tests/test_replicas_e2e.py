@@ -94,7 +94,7 @@ def test_two_replicas_make_the_same_update_as_one_device_with_the_global_batch(t
         two, one = load_checkpoint(output / name)["model"], load_checkpoint(single / name)["model"]
         assert two.keys() == one.keys()
         for key in one:
-            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=tolerance, atol=tolerance, msg=f"step {step}: {key}")
+            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=tolerance, atol=tolerance, msg=lambda message, step=step, key=key: f"step {step}: {key}: {message}")
     first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
     assert first(output)["loss"] == pytest.approx(first(single)["loss"], rel=1e-5)
     assert first(output)["num_foreground"] == pytest.approx(first(single)["num_foreground"] / 2)  # a mean over replicas

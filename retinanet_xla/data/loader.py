@@ -77,7 +77,10 @@ class EvalSampler(torch.utils.data.Sampler):
 
 def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2) -> torch.utils.data.DataLoader:
     """A DataLoader of fixed-shape batches. Workers are persistent: the training stream is
-    endless and re-spawning them per epoch would stall the device."""
+    endless and re-spawning them per epoch would stall the device. The loader gets its own
+    generator: without one, starting an iterator draws worker seeds from torch's global RNG,
+    which replica threads share, and a replica doing that while another initialises its model
+    under the seed gave the replicas different starting weights."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -87,4 +90,5 @@ def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, b
         drop_last=False,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # augmentation has its own per-sample seeds
     )
