@@ -13,6 +13,7 @@ from retinanet_xla.config import ConfigError, load_config
 from retinanet_xla.data.coco import DatasetError
 from retinanet_xla.data.commands import data_app
 from retinanet_xla.engine.checkpoint import CheckpointError
+from retinanet_xla.engine.replicas import ReplicaFailed
 
 # Mistakes a user can make: reported in one line, exit code 2.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError)
@@ -42,6 +43,12 @@ def root(
 
 
 SET_HELP = "Override a config key, e.g. --set train.steps=200 --set data.image_size=[512,512]. Repeatable."
+DEVICES_HELP = "Replicas to run, one per local XLA device (runtime.num_devices; default: every device). 1 runs in this process."
+
+
+def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
+    return [*overrides, f"runtime.num_devices={devices}"] if devices is not None else list(overrides)
+
 
 
 @app.command()
@@ -50,24 +57,24 @@ def train(
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."),
+    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
     """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory.
 
     Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
     checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
     from retinanet_xla.engine.preemption import EXIT_INTERRUPTED
-    from retinanet_xla.engine.replicas import ReplicaFailed
     from retinanet_xla.engine.trainer import TrainingDiverged, TrainingInterrupted
     from retinanet_xla.engine.trainer import train as run_training
 
-    settings = load_config(config, overrides)
+    settings = load_config(config, _with_devices(overrides, devices))
     output_dir = output or Path(settings.train.output_dir)
     try:
         summary = run_training(settings, output_dir, resume)
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
-    except (TrainingDiverged, ReplicaFailed) as error:
+    except TrainingDiverged as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(json.dumps(summary, indent=2))
@@ -79,14 +86,16 @@ def bench(
     steps: int = typer.Option(20, "--steps", min=2, help="Steps to run; the first one compiles."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
-    """Time the training step on synthetic batches (no dataset): compile time, step time, images/s."""
+    """Time the training step on synthetic batches (no dataset), on every local XLA device as train
+    would: compile time, step time, images/s."""
     from retinanet_xla.engine.bench import benchmark
 
-    settings = load_config(config, overrides)
+    settings = load_config(config, _with_devices(overrides, devices))
     result = benchmark(settings, steps)
     typer.echo(
-        f"{result['device']}: first step (compile) {result['first_step_seconds']:.1f} s, "
+        f"{result['device']} x {result['replicas']} replica(s): first step (compile) {result['first_step_seconds']:.1f} s, "
         f"step {result['step_seconds'] * 1000:.1f} ms, {result['images_per_second']:.1f} images/s "
         f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
         f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up)"
@@ -103,6 +112,7 @@ def evaluate(
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."),
+    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
     """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json."""
     from rich.console import Console
@@ -112,11 +122,11 @@ def evaluate(
 
     if (data is None) != (images is None):
         raise ConfigError("--data and --images go together")
-    result, output_dir = evaluate_checkpoint(checkpoint, overrides, data, images, output)
-    for line in result["summary"]:
+    metrics, output_dir = evaluate_checkpoint(checkpoint, _with_devices(overrides, devices), data, images, output)
+    for line in metrics["summary"]:
         typer.echo(line)
     table = Table("category", "AP", title="AP per category")
-    for name, value in result["metrics"]["per_category_AP"].items():
+    for name, value in metrics["per_category_AP"].items():
         table.add_row(name, f"{value:.3f}" if value >= 0 else "n/a")
     Console().print(table)
     typer.echo(f"wrote {output_dir / 'detections.json'} and {output_dir / 'metrics.json'}")
@@ -153,6 +163,9 @@ def main() -> None:
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
+    except ReplicaFailed as error:  # the replica printed its own error first
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class EvalConfig(PostprocessConfig):
 @dataclass
 class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
-    num_devices: Optional[int] = None  # replicas; this version runs one (null or 1)
+    num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
 
 

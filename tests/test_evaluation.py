@@ -8,6 +8,7 @@ from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
+from retinanet_xla.evaluation.evaluator import ShardDetections
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, select_candidates
 
@@ -109,7 +110,40 @@ def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
         "image_id": torch.tensor([record.image_id, -1]),
     }
     found = Detections(torch.tensor(original * scale, dtype=torch.float32), torch.tensor([0.9]), torch.tensor([3]))
-    (detection,) = evaluator._to_coco([found, found], batch)  # the padding entry is dropped
+    shard = ShardDetections(evaluator.capacity)
+    evaluator._collect(shard, [found, found], batch)  # the padding entry is dropped
+    (detection,) = evaluator._to_coco(shard.rows)
     assert detection["image_id"] == record.image_id and detection["category_id"] == 4  # label 3 -> id 4
     np.testing.assert_allclose(detection["bbox"], [10, 20, 40, 40], atol=0.02)
 
+
+
+def test_gathered_shards_come_back_in_split_order(synthetic):
+    """Replica shards are interleaved by batch (``EvalSampler``); the master's list is in split
+    order, each image's detections in their own order, whatever the number of replicas."""
+    from retinanet_xla.evaluation.evaluator import Evaluator
+
+    config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2", "eval.max_detections=3"])
+    coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
+
+    class Host:
+        device = torch.device("cpu")
+
+    evaluator = Evaluator(config, coco, Host(), show_progress=False)
+    assert evaluator.capacity == -(-len(coco.records) // 2) * 2 * 3  # every slot of every batch, padding too
+
+    def detections(index: int, count: int):
+        boxes = torch.tensor([[index, k, index + 10.0, k + 10.0] for k in range(count)], dtype=torch.float32).reshape(count, 4)
+        return index, boxes, torch.linspace(0.9, 0.5, count), torch.arange(count) % 4
+
+    counts = {0: 3, 1: 3, 4: 3, 5: 3, 2: 2, 3: 0, 6: 1}  # image 3 has no detection
+    replica_0, replica_1 = ShardDetections(12), ShardDetections(12)
+    for index in (0, 1, 4, 5):
+        replica_0.add(*detections(index, counts[index]))
+    for index in (2, 3, 6):
+        replica_1.add(*detections(index, counts[index]))
+    found = evaluator._to_coco(torch.cat([replica_0.rows, replica_1.rows]))
+    expected = [coco.records[index].image_id for index in sorted(counts) for _ in range(counts[index])]
+    assert [d["image_id"] for d in found] == expected
+    assert [d["score"] for d in found[:3]] == [0.9, 0.7, 0.5]  # within an image, the order kept
+    assert [d["bbox"][1] for d in found[6:8]] == [0.0, 1.0]  # image 2's boxes, in order

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from retinanet_xla.engine.checkpoint import load_checkpoint
-from tests.cli_helpers import ROOT, run_cli, train_command
+from tests.cli_helpers import ROOT, SCRIPT, TINY, run_cli, train_command
 
 pytestmark = pytest.mark.xla
 
@@ -26,9 +26,11 @@ NO_AUGMENTATION = [
     "data.augmentation.saturation=0.0",
 ]
 # Global batch 4 (TINY): 2 images per replica. Cross-replica BatchNorm over 2 x 2 images must
-# equal BatchNorm over 4 on one device.
+# equal BatchNorm over 4 on one device. The last step evaluates: 7 images in global batches
+# of 4 (eval.batch_size), so each replica gets a shard with one padded slot.
 SETTINGS = [
     "train.steps=3",
+    "train.eval_every=3",
     "train.log_every=1",
     "train.checkpoint_every=1",
     "train.keep_checkpoints=10",
@@ -77,8 +79,9 @@ def test_two_replicas_train_through_the_cli(two_replicas):
     assert summary["images"] == 3 * 4  # the global batch
     assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (1, 2, 3)]
     # Only the master logs: one line per step, one start message, one TensorBoard file.
-    logged = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [1, 2, 3]
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "eval" not in line] == [1, 2, 3]
+    assert [line["step"] for line in lines if "eval" in line] == [3]
     assert result.stderr.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
     assert len(list((output / "tensorboard").glob("events.*"))) == 1
 
@@ -98,6 +101,49 @@ def test_two_replicas_make_the_same_update_as_one_device_with_the_global_batch(t
     first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
     assert first(output)["loss"] == pytest.approx(first(single)["loss"], rel=1e-5)
     assert first(output)["num_foreground"] == pytest.approx(first(single)["num_foreground"] / 2)  # a mean over replicas
+
+
+def train_time_eval(run: Path) -> dict:
+    return next(json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval" in line)
+
+
+def test_eval_on_two_replicas_gives_the_detections_of_one_device(two_replicas, tmp_path, capsys, monkeypatch):
+    """Each replica runs its shard; the master gathers: the same detections, in the same order,
+    as one device evaluating the whole split, and the same AP the training run logged."""
+    output, result = two_replicas
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoint = output / "checkpoints" / "step_00000003.pt"
+    eval_args = ["eval", str(checkpoint), "--set", "eval.score_threshold=0.0"]
+    two = run_on_two_devices([str(SCRIPT), *eval_args, "--output", str(tmp_path / "two")], tmp_path, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = run_cli(capsys, monkeypatch, *eval_args, "--output", str(tmp_path / "one"), "--devices", "1")
+    assert one.exit_code == 0, one.stderr[-3000:]
+    detections = {n: json.loads((tmp_path / n / "detections.json").read_text()) for n in ("one", "two")}
+    assert detections["two"] == detections["one"]
+    assert len({d["image_id"] for d in detections["two"]}) == 7  # every image, the padded slot dropped
+    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")}
+    assert (metrics["one"]["replicas"], metrics["two"]["replicas"]) == (1, 2)
+    assert metrics["two"]["AP"] == metrics["one"]["AP"] and metrics["two"]["summary"] == metrics["one"]["summary"]
+    assert two.stdout.count(" Average Precision") == 6 and "AP per category" in two.stdout
+    # Evaluation during training took the same path, with the default score threshold.
+    default_threshold = run_cli(capsys, monkeypatch, "eval", str(checkpoint), "--output", str(tmp_path / "default"), "--set", "runtime.num_devices=1")
+    assert default_threshold.exit_code == 0, default_threshold.stderr[-3000:]
+    logged = train_time_eval(output)
+    assert logged["AP"] == json.loads((tmp_path / "default" / "metrics.json").read_text())["AP"]
+
+
+def test_bench_runs_one_replica_per_device(tmp_path):
+    command = [str(SCRIPT), "bench", str(ROOT / "configs" / "smoke.yaml"), "--steps", "3", "--json", str(tmp_path / "bench.json")]
+    for override in TINY:
+        command += ["--set", override]
+    result = run_on_two_devices([*command, "--devices", "2"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["replicas"] == 2 and bench["batch_size"] == 4  # the global batch
+    assert len(bench["replica_step_seconds"]) == 2 and bench["step_seconds"] == max(bench["replica_step_seconds"]) > 0
+    assert bench["images_per_second"] == pytest.approx(4 / bench["step_seconds"], rel=1e-2)
+    assert bench["compilations_after_warmup"] == 0
+    assert "x 2 replica(s)" in result.stdout
 
 
 def test_a_failing_replica_ends_the_run_quickly_with_its_message(tmp_path):

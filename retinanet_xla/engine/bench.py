@@ -4,13 +4,17 @@ The first thing to run on a new TPU VM: it shows the compile time, the steady st
 images/s, and whether anything recompiles, before any data is in place.
 """
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Dict, List
 
 import torch
 
 from retinanet_xla.config import Config
-from retinanet_xla.engine.build import build_train_step
-from retinanet_xla.engine.runtime import Runtime, Stopwatch
+from retinanet_xla.engine.build import build_runtime, build_train_step
+from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
+from retinanet_xla.engine.runtime import Stopwatch
 
 DISTINCT_BATCHES = 4
 
@@ -42,42 +46,71 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
     return batches
 
 
-def benchmark(config: Config, steps: int) -> Dict[str, float]:
-    """Run ``steps`` training steps; step 1 includes compilation, the rest are timed together."""
+def benchmark(config: Config, steps: int) -> Dict:
+    """Run ``steps`` training steps on every local XLA device (``runtime.num_devices``), as
+    ``train`` would; step 1 includes compilation, the rest are timed together."""
     if steps < 2:
         raise ValueError("bench needs at least 2 steps: one to compile, one to time")
-    runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
-    step_fn = build_train_step(config, runtime)
-    batch_size = config.train.batch_size
-    host_batches = synthetic_batches(config, batch_size)
+    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    if replicas == 1:
+        return _benchmark(Replicas(), config, steps)
+    if replicas is not None:
+        Replicas(world=replicas).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
+    with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:
+        result_file = Path(scratch) / "bench.json"
+        launch(_bench_replica, (config, steps, result_file), num_devices=config.runtime.num_devices)
+        return json.loads(result_file.read_text())
+
+
+def _bench_replica(replicas: Replicas, config: Config, steps: int, result_file: Path) -> None:
+    result = _benchmark(replicas, config, steps)
+    if replicas.is_master:
+        result_file.write_text(json.dumps(result))
+
+
+def _benchmark(replicas: Replicas, config: Config, steps: int) -> Dict:
+    runtime = build_runtime(config, replicas)
+    step_fn = build_train_step(config, runtime, replicas)
+    batch_size = replicas.share(config.train.batch_size, "train.batch_size")
+    host_batches = synthetic_batches(config, batch_size, seed=replicas.rank)
     batches = runtime.device_batches(host_batches[i % DISTINCT_BATCHES] for i in range(steps))
 
     clock = Stopwatch()
     outputs = step_fn(next(batches))
-    runtime.sync()
+    runtime.sync(collective=True)
     runtime.wait()
     first_step = clock.seconds()
     compiled_at_warmup = runtime.compilations()
     warm = Stopwatch()
     for _ in range(steps - 1):
         outputs = step_fn(next(batches))
-        runtime.sync()
+        runtime.sync(collective=True)
     runtime.wait()
     warm_seconds = warm.seconds()
     compiled = runtime.compilations()
-    step_seconds = warm_seconds / (steps - 1)
+    final_loss = float(outputs["loss"].cpu())
+    # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
+    # slowest sets the pace).
+    times = torch.tensor([[first_step, warm_seconds / (steps - 1)]], dtype=torch.float32)
+    if replicas.world > 1:
+        times = replicas.gather(times, runtime.device)
+        runtime.sync(collective=True)
+        times = times.cpu()
+    step_seconds = float(times[:, 1].max())
     return {
         "device": str(runtime.device),
+        "replicas": replicas.world,
         "steps": steps,
-        "batch_size": batch_size,
+        "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),
-        "first_step_seconds": round(first_step, 3),
+        "first_step_seconds": round(float(times[:, 0].max()), 3),
         "compile_seconds": round(compiled["seconds"], 3),
         "step_seconds": round(step_seconds, 4),
-        "images_per_second": round(batch_size / step_seconds, 2),
+        "replica_step_seconds": [round(float(t), 4) for t in times[:, 1]],
+        "images_per_second": round(config.train.batch_size / step_seconds, 2),
         "compilations_total": compiled["count"],
         "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
         "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
         **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
-        "final_loss": float(outputs["loss"].cpu()),
+        "final_loss": final_loss,
     }

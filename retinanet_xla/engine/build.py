@@ -9,7 +9,7 @@ from retinanet_xla.config import Config, ConfigError
 from retinanet_xla.engine.ema import WeightAverage
 from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
 from retinanet_xla.engine.replicas import Replicas
-from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.engine.runtime import Runtime, launch_order
 from retinanet_xla.engine.step import TrainStep
 from retinanet_xla.models import RetinaNet, set_replica_averaging
 from retinanet_xla.ops import AnchorGenerator, AnchorMatcher, BoxCoder, DetectionLoss
@@ -56,6 +56,13 @@ def build_loss(config: Config) -> DetectionLoss:
         box_loss_weight=loss.box_loss_weight,
         normalizer_momentum=loss.normalizer_momentum,
     )
+
+
+def build_runtime(config: Config, replicas: Replicas = Replicas()) -> Runtime:
+    """The device runtime of one replica; replicas that are threads of this process share the
+    order in which they launch graphs with collectives."""
+    order = launch_order(replicas.world) if replicas.threaded and replicas.world > 1 else None
+    return Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order)
 
 
 # Replicas that are threads of one process share torch's global RNG: each builds its model

@@ -1,11 +1,14 @@
-"""``retinanet-xla eval``: a checkpoint, its config, a split -> COCO metrics on disk."""
+"""``retinanet-xla eval``: a checkpoint, its config, a split -> COCO metrics on disk, with one
+replica per local XLA device (``runtime.num_devices``), like ``train``."""
 
 import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from retinanet_xla.config import ConfigError
-from retinanet_xla.engine.inference import load_for_inference
+from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from retinanet_xla.engine.inference import inference_config, load_for_inference
+from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
 from retinanet_xla.engine.trainer import dataset_split
 from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 
@@ -13,16 +16,35 @@ from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 def evaluate_checkpoint(
     checkpoint: Path, overrides: Sequence[str] = (), annotations: Optional[Path] = None, images: Optional[Path] = None, output: Optional[Path] = None
 ) -> Tuple[Dict, Path]:
-    extra = [f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else []
-    loaded = load_for_inference(checkpoint, [*overrides, *extra])
-    coco = dataset_split(loaded.config, "val", loaded.checkpoint.parent.parent)
-    unknown = sorted(set(coco.mapping.category_ids) - set(loaded.mapping.category_ids))
+    """Writes ``detections.json`` and ``metrics.json`` (the 12 COCO numbers, AP per category and
+    pycocotools' printed summary) and returns the metrics and the directory."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
+    payload = load_checkpoint(checkpoint)
+    config = inference_config(checkpoint, payload, overrides)
+    output_dir = Path(output) if output else default_eval_dir(checkpoint)
+    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    if replicas is not None:
+        Replicas(world=replicas).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
+    coco = dataset_split(config, "val", checkpoint.parent.parent)  # checked, and written once if synthetic
+    unknown = sorted(set(coco.mapping.category_ids) - set(payload["category_mapping"]["category_ids"]))
     if unknown:
-        raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {loaded.checkpoint}")
-    coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
-    result = Evaluator(loaded.config, coco, loaded.runtime).evaluate(loaded.model)
+        raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {checkpoint}")
+    del payload  # each replica loads its own copy
+    if replicas == 1:
+        _evaluate_replica(Replicas(), checkpoint, overrides, output_dir)
+    else:
+        launch(_evaluate_replica, (checkpoint, overrides, output_dir), num_devices=config.runtime.num_devices)
+    return json.loads((output_dir / "metrics.json").read_text()), output_dir
 
-    output_dir = Path(output) if output else default_eval_dir(loaded.checkpoint)
+
+def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[str], output_dir: Path) -> None:
+    loaded = load_for_inference(checkpoint, overrides, replicas)
+    coco = dataset_split(loaded.config, "val", loaded.checkpoint.parent.parent)
+    coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
+    result = Evaluator(loaded.config, coco, loaded.runtime, replicas).evaluate(loaded.model)
+    if result is None:  # not the master
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "detections.json").write_text(json.dumps(result["detections"]))
     metrics = {
@@ -31,6 +53,7 @@ def evaluate_checkpoint(
         "step": loaded.step,
         "weights": "ema" if loaded.uses_weight_average else "model",
         "images": len(coco.records),
+        "replicas": replicas.world,
+        "summary": result["summary"],
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return result, output_dir

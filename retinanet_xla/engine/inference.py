@@ -2,12 +2,13 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Sequence
 
 from retinanet_xla.config import Config, load_config
 from retinanet_xla.data.coco import CategoryMapping
-from retinanet_xla.engine.build import build_model
+from retinanet_xla.engine.build import build_model, build_runtime
 from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from retinanet_xla.engine.replicas import Replicas
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.models import RetinaNet
 
@@ -23,15 +24,21 @@ class LoadedModel:
     uses_weight_average: bool
 
 
-def load_for_inference(checkpoint: Path, overrides: Sequence[str] = ()) -> LoadedModel:
-    """The checkpoint's config (with ``overrides``), its weights on the configured device, in
-    eval mode, and the category mapping it was trained with."""
-    checkpoint = resolve_checkpoint(checkpoint)
-    payload = load_checkpoint(checkpoint)
+def inference_config(checkpoint: Path, payload: Dict, overrides: Sequence[str] = ()) -> Config:
+    """The config the checkpoint was trained with, and ``overrides``."""
     config = load_config(base=payload["config"], overrides=overrides, where=str(checkpoint))
     # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
     config.model.backbone.weights = None
-    runtime = Runtime(config.runtime.device, config.runtime.compile_cache)
+    return config
+
+
+def load_for_inference(checkpoint: Path, overrides: Sequence[str] = (), replicas: Replicas = Replicas()) -> LoadedModel:
+    """The checkpoint's config (with ``overrides``), its weights on this replica's device, in
+    eval mode, and the category mapping it was trained with."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    payload = load_checkpoint(checkpoint)
+    config = inference_config(checkpoint, payload, overrides)
+    runtime = build_runtime(config, replicas)
     model = build_model(config)
     # The weight average, when the run kept one, is the model to use (as the TF reference does).
     model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])

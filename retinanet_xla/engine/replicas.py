@@ -70,6 +70,30 @@ class Replicas:
         grads = [p.grad for p in parameters if p.grad is not None]
         xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / self.world)
 
+    def gather(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """Every replica's host ``tensor``, concatenated along dim 0 in rank order, on
+        ``device`` once the next ``runtime.sync(collective=True)`` has run (evaluation results).
+
+        Each replica places its tensor in its own slot of a zero buffer on the host, and the
+        buffers are summed: every replica runs the same graph, compiled once. (torch_xla's
+        ``all_gather`` pads by the replica's ordinal inside the graph, so each replica compiles
+        its own, and on the CPU client their all-reduces never meet.)"""
+        if self.world == 1:
+            return tensor.to(device)
+        import torch_xla.core.xla_model as xm
+
+        slots = torch.zeros(self.world, *tensor.shape, dtype=tensor.dtype)
+        slots[self.rank] = tensor
+        return xm.all_reduce(xm.REDUCE_SUM, slots.to(device)).flatten(0, 1)
+
+    def share(self, batch_size: int, key: str) -> int:
+        """Each replica's part of a global batch (``key`` names the setting in the error)."""
+        if batch_size % self.world:
+            from retinanet_xla.config import ConfigError
+
+            raise ConfigError(f"{key} {batch_size} is not divisible by the {self.world} replicas")
+        return batch_size // self.world
+
     def agree(self, flags: Sequence[bool], runtime) -> List[bool]:
         """Each flag is true if it is true on any replica. Every replica must call this at the
         same step; it waits for the device (call it only where the loop reads values anyway)."""

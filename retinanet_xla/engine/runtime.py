@@ -32,12 +32,18 @@ class LaunchOrder:
     found in the cache: not when it returns, because a launch may run the graph inline, which
     waits in the all-reduce for the next replicas to launch theirs. At most one replica is
     between "started" and "past compilation" at a time, so the process-wide counters tell.
+
+    Rank 0 starts a launch only once every replica has arrived at it. Otherwise another replica
+    could still be compiling a graph without collectives (an evaluation batch), and its
+    compilation would end rank 0's turn early, and the next replica would compile the same
+    collective graph at the same time.
     """
 
     def __init__(self, world: int):
         self.world = world
         self._cond = threading.Condition()
-        self._started = [0] * world  # collective launches each replica has started
+        self._arrived = [0] * world  # collective launches each replica has reached
+        self._started = [0] * world  # ... started
         self._passed = [0] * world  # ... and got past compilation
         self._marks = [0] * world  # _compile_progress() when each replica started its last one
 
@@ -53,7 +59,9 @@ class LaunchOrder:
     def run(self, rank: int, launch: Callable[[], None]) -> None:
         with self._cond:
             number = self._started[rank]
-            while not self._may_start(rank, number):
+            self._arrived[rank] = number + 1
+            self._cond.notify_all()
+            while not (min(self._arrived) > number and self._may_start(rank, number)):
                 self._cond.wait(0.005)
             self._started[rank], self._marks[rank] = number + 1, _compile_progress()
         try:

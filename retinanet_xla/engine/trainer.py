@@ -18,13 +18,13 @@ from retinanet_xla.config import Config, ConfigError, save_config
 from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader, load_coco
 from retinanet_xla.data.coco import CocoDataset, DatasetError
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.engine.build import build_train_step
+from retinanet_xla.engine.build import build_runtime, build_train_step
 from retinanet_xla.engine.checkpoint import CheckpointError
 from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
 from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
 from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
-from retinanet_xla.engine.runtime import Runtime, Stopwatch, launch_order
+from retinanet_xla.engine.runtime import Stopwatch
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -80,10 +80,11 @@ class BatchCounters:
             yield {key: batch[key] for key in DEVICE_KEYS}
 
 
-def replica_batch_size(config: Config, world_size: int) -> int:
-    if config.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size {config.train.batch_size} is not divisible by the {world_size} replicas")
-    return config.train.batch_size // world_size
+def check_batch_sizes(config: Config, replicas: Replicas) -> int:
+    """Each replica's training batch; the evaluation batch must split over the replicas too."""
+    if config.train.eval_every > 0:
+        replicas.share(config.eval.batch_size, "eval.batch_size")
+    return replicas.share(config.train.batch_size, "train.batch_size")
 
 
 def _finite(values: Dict[str, float]) -> bool:
@@ -98,15 +99,14 @@ class Trainer:
         world_size = replicas.world
         if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
             raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
-        self.batch_size = replica_batch_size(config, world_size)
+        self.batch_size = check_batch_sizes(config, replicas)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if replicas.is_master:
             save_config(config, self.output_dir / "config.yaml")
         self.coco = dataset_split(config, "train", self.output_dir)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-        order = launch_order(world_size) if replicas.threaded and world_size > 1 else None
-        self.runtime = Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order)
+        self.runtime = build_runtime(config, replicas)
         self.step_fn = build_train_step(config, self.runtime, replicas)
         self.start_step, self.best_ap = 0, float("-inf")
         if resume:
@@ -120,12 +120,12 @@ class Trainer:
         self.num_images = len(dataset)
 
         self.evaluator = None
-        if config.train.eval_every > 0 and replicas.is_master:  # the others wait meanwhile
+        if config.train.eval_every > 0:  # every replica evaluates its shard of the split
             from retinanet_xla.evaluation.evaluator import Evaluator
 
             val = dataset_split(config, "val", self.output_dir)
             val.mapping = self.coco.mapping  # detections are written with the training set's ids
-            self.evaluator = Evaluator(config, val, self.runtime, show_progress=False)
+            self.evaluator = Evaluator(config, val, self.runtime, replicas, show_progress=False)
 
         self.console = console
         self.first_loss: Optional[float] = None
@@ -267,13 +267,15 @@ class Trainer:
         return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
-        """The master evaluates the whole split on its device while the others wait."""
-        if self.evaluator is None:
-            self.replicas.barrier()
-            return
+        """Every replica runs the model over its shard; the master scores the gathered
+        detections and keeps ``best.pt`` while the others wait."""
         # With a weight average, it is what gets evaluated (and what eval uses later).
         model = self.step_fn.ema.model if self.step_fn.ema is not None else self.step_fn.model
-        metrics = self.evaluator.evaluate(model)["metrics"]
+        result = self.evaluator.evaluate(model)
+        if result is None:  # not the master
+            self.replicas.barrier()
+            return
+        metrics = result["metrics"]
         log.write_eval(step, metrics)
         self.last_eval = {k: v for k, v in metrics.items() if isinstance(v, float)}
         if metrics["AP"] > self.best_ap:
@@ -323,7 +325,7 @@ def train(config: Config, output_dir: Path, resume: bool = True, console: Option
     if replicas == 1:
         return Trainer(config, output_dir, resume, console).run()
     if replicas is not None:
-        replica_batch_size(config, replicas)  # fail before starting anything
+        check_batch_sizes(config, Replicas(world=replicas))  # fail before starting anything
     # Data the replicas share is written once, before they start reading it.
     dataset_split(config, "train", output_dir)
     if config.train.eval_every > 0:

@@ -1,5 +1,6 @@
 """Run a model over an evaluation split: fixed-shape batches on the device, candidates back to
-the host once per batch, NMS there, boxes mapped to original pixels and dataset category ids."""
+the host once per batch, NMS there, boxes mapped to original pixels and dataset category ids;
+with several replicas, each takes a shard and the master gathers and scores."""
 
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -10,27 +11,38 @@ from rich.progress import Progress
 from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
+from retinanet_xla.engine.replicas import Replicas
 from retinanet_xla.engine.runtime import Runtime
 from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Candidates, filter_detections, select_candidates, to_original_pixels
+from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections, select_candidates, to_original_pixels
 
 
 class Evaluator:
-    """Built once per split; ``run(model)`` may be called many times (evaluation during
-    training reuses the loader and the compiled graph)."""
+    """Built once per split; ``evaluate(model)`` may be called many times (evaluation during
+    training reuses the loader and the compiled graphs).
 
-    def __init__(self, config: Config, coco: CocoDataset, runtime: Runtime, show_progress: bool = True):
-        self.config, self.coco, self.runtime = config, coco, runtime
-        self.show_progress = show_progress
+    With several replicas, each runs the model and NMS over its shard of the split
+    (``EvalSampler``); the detections travel to the master in fixed-size tensors (one
+    all-gather, compiled once per split), and the master alone scores them."""
+
+    def __init__(self, config: Config, coco: CocoDataset, runtime: Runtime, replicas: Replicas = Replicas(), show_progress: bool = True):
+        self.config, self.coco, self.runtime, self.replicas = config, coco, runtime, replicas
+        self.show_progress = show_progress and replicas.is_master
         image_size = tuple(config.data.image_size)
-        batch_size = config.eval.batch_size
+        batch_size = replicas.share(config.eval.batch_size, "eval.batch_size")
         dataset = DetectionDataset(coco.records, coco.mapping, image_size, config.data.max_boxes, augmentation=None)
-        self.loader = build_loader(dataset, EvalSampler(len(dataset), batch_size), batch_size, config.data.num_workers)
+        sampler = EvalSampler(len(dataset), batch_size, replicas.world, replicas.rank)
+        self.loader = build_loader(dataset, sampler, batch_size, config.data.num_workers)
         self.num_batches = len(self.loader)
+        # Rows of the gathered tensors: every image of the shard (padding included) at its cap.
+        self.capacity = len(sampler) * config.eval.max_detections
+        self.index_of = {record.image_id: index for index, record in enumerate(coco.records)}
+        if len(coco.records) >= 2**24:
+            raise ValueError(f"{coco.annotations_file}: {len(coco.records)} images; evaluation handles fewer than 2**24 per split")
         self.box_coder = BoxCoder(config.model.box_coder_weights)
-        self.gt = ground_truth(coco.annotations_file)
+        self.gt = ground_truth(coco.annotations_file) if replicas.is_master else None
         self.anchors: Optional[torch.Tensor] = None
 
     @torch.no_grad()
@@ -42,11 +54,12 @@ class Evaluator:
             outputs = model(model.normalize(batch["images"]))
         return select_candidates(outputs["cls_logits"], outputs["bbox_regression"], self.anchors, self.box_coder, self.config.eval.pre_nms_top_k, content)
 
-    def predict(self, model: RetinaNet) -> List[Dict]:
-        """COCO-format detections for every image of the split (each exactly once)."""
+    def predict(self, model: RetinaNet) -> Optional[List[Dict]]:
+        """COCO-format detections for every image of the split (each exactly once), in split
+        order; None on replicas other than the master."""
         was_training = model.training
         model.eval()
-        detections: List[Dict] = []
+        shard = ShardDetections(self.capacity)
         keys = ("images", "original_size", "scale")
         progress = Progress(transient=True, disable=not self.show_progress)
         with progress:
@@ -55,36 +68,74 @@ class Evaluator:
                 device_batch = {k: host_batch[k].to(self.runtime.device) for k in keys}
                 candidates = self._candidates(model, device_batch)
                 self.runtime.sync()
-                detections += self._to_coco(filter_detections(candidates, self.config.eval), host_batch)
+                self._collect(shard, filter_detections(candidates, self.config.eval), host_batch)
                 progress.advance(task)
         model.train(was_training)
-        return detections
+        rows = self._gather(shard.rows)
+        return None if rows is None else self._to_coco(rows)
 
-    def _to_coco(self, per_image, batch) -> List[Dict]:
-        results = []
+    def _collect(self, shard: "ShardDetections", per_image: List[Detections], batch: Dict[str, torch.Tensor]) -> None:
+        """A batch's detections, in original pixels, into ``shard``; padding slots are dropped."""
         for image, found in enumerate(per_image):
-            if not bool(batch["valid"][image]):
-                continue
-            height, width = batch["original_size"][image].tolist()
-            boxes = to_original_pixels(found.boxes, float(batch["scale"][image]), height, width)
-            category_ids = self.coco.mapping.to_category_ids(found.labels.numpy())
-            for box, score, category_id in zip(boxes.tolist(), found.scores.tolist(), category_ids.tolist()):
-                x1, y1, x2, y2 = box
-                results.append(
-                    {
-                        "image_id": int(batch["image_id"][image]),
-                        "category_id": int(category_id),
-                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                        "score": round(float(score), 5),
-                    }
-                )
+            if bool(batch["valid"][image]):
+                height, width = batch["original_size"][image].tolist()
+                boxes = to_original_pixels(found.boxes, float(batch["scale"][image]), height, width)
+                shard.add(self.index_of[int(batch["image_id"][image])], boxes, found.scores, found.labels)
+
+    def _gather(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """Every replica's rows on the master, or None elsewhere."""
+        if self.replicas.world == 1:
+            return rows
+        gathered = self.replicas.gather(rows, self.runtime.device)
+        self.runtime.sync(collective=True)
+        return gathered.cpu() if self.replicas.is_master else None
+
+    def _to_coco(self, rows: torch.Tensor) -> List[Dict]:
+        rows = rows[rows[:, 0] >= 0]
+        # Split order, and within an image the order of its detections (a stable sort): the
+        # same list, to the bit, whatever the number of replicas.
+        rows = rows[torch.sort(rows[:, 0], stable=True).indices]
+        indices, labels = rows[:, 0].long(), rows[:, 1].long()
+        category_ids = self.coco.mapping.to_category_ids(labels.numpy())
+        results = []
+        for index, category_id, (x1, y1, x2, y2, score) in zip(indices.tolist(), category_ids.tolist(), rows[:, 2:].tolist()):
+            results.append(
+                {
+                    "image_id": self.coco.records[index].image_id,
+                    "category_id": int(category_id),
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(score, 5),
+                }
+            )
         return results
 
-    def evaluate(self, model: RetinaNet) -> Dict:
+    def evaluate(self, model: RetinaNet) -> Optional[Dict]:
+        """Metrics and detections on the master; None on the other replicas."""
         detections = self.predict(model)
+        if detections is None:
+            return None
         result = evaluate_detections(self.gt, detections, [r.image_id for r in self.coco.records])
         result["detections"] = detections
         return result
+
+
+class ShardDetections:
+    """One replica's detections as fixed-size float32 rows: split index (-1 marks padding),
+    label, x1, y1, x2, y2 in original pixels, score. A fixed size keeps the all-gather one
+    compiled graph; float32 holds indices and labels exactly below 2**24."""
+
+    def __init__(self, capacity: int):
+        self.rows = torch.zeros(capacity, 7, dtype=torch.float32)
+        self.rows[:, 0] = -1
+        self.count = 0
+
+    def add(self, index: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        end = self.count + len(scores)
+        self.rows[self.count : end, 0] = index
+        self.rows[self.count : end, 1] = labels.float()
+        self.rows[self.count : end, 2:6] = boxes
+        self.rows[self.count : end, 6] = scores
+        self.count = end
 
 
 def default_eval_dir(checkpoint: Path) -> Path:
