@@ -33,8 +33,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/retinanet-xla data bench --image-size 640 --images 200
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --json runs/bench/smoke-xla.json
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 40 --input-pipeline --json runs/bench/smoke-xla-pipeline.json
 	$(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --set runtime.device=cpu --json runs/bench/smoke-eager-cpu.json
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/torchvision_retinanet.py --config configs/smoke.yaml --steps 3 --json runs/bench/torchvision-vs-ours.json
+	rm -rf runs/bench/train-with-eval
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla train configs/smoke.yaml --output runs/bench/train-with-eval --set train.steps=60 --set train.eval_every=30 --set train.log_every=20 > /dev/null
+	cp runs/bench/train-with-eval/summary.json runs/bench/train-with-eval.json
 
 # Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 bench-backbones: $(STAMP)

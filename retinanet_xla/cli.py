@@ -87,18 +87,22 @@ def bench(
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
+    input_pipeline: bool = typer.Option(
+        False, "--input-pipeline", help="Feed the steps through the data pipeline (the config's train split, or synthetic images) and report how long the device waited for input."
+    ),
 ) -> None:
     """Time the training step on synthetic batches (no dataset), on every local XLA device as train
     would: compile time, step time, images/s."""
     from retinanet_xla.engine.bench import benchmark
 
     settings = load_config(config, _with_devices(overrides, devices))
-    result = benchmark(settings, steps)
+    result = benchmark(settings, steps, input_pipeline)
     typer.echo(
         f"{result['device']} x {result['replicas']} replica(s): first step (compile) {result['first_step_seconds']:.1f} s, "
         f"step {result['step_seconds'] * 1000:.1f} ms, {result['images_per_second']:.1f} images/s "
         f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
-        f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up)"
+        f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up), "
+        f"waiting for input {result['device_wait_fraction']:.1%} of the time ({result['input']})"
     )
     if json_output:
         json_output.parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,7 @@ class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
     num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
+    profile_steps: Optional[List[int]] = None  # [first, last]: torch_xla profiler trace of those train steps
 
 
 @dataclass
@@ -339,6 +340,9 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: data.image_size must be [height, width] with both >= 32, got {size}")
     if config.runtime.num_devices is not None and config.runtime.num_devices < 1:
         raise ConfigError(f"{where}: runtime.num_devices must be >= 1 or null, got {config.runtime.num_devices}")
+    profile = config.runtime.profile_steps
+    if profile is not None and (len(profile) != 2 or not 1 <= profile[0] <= profile[1]):
+        raise ConfigError(f"{where}: runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got {profile}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if config.train.keep_checkpoints < 0:

@@ -58,6 +58,7 @@ CASES = [
     ("", ["data.augmentation.scale_min=3"], "data.augmentation: scale jitter needs 0 < scale_min <= scale_max, got [3.0, 2.0]"),
     ("train: [1, 2\n", [], "not valid YAML at line 2"),
     ("extends: missing.yaml\n", [], "config file does not exist"),
+    ("", ["runtime.profile_steps=[3,2]"], "runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got [3, 2]"),
 ]
 
 
@@ -87,6 +88,10 @@ def test_batch_not_divisible_by_replicas(tmp_path, capsys, monkeypatch):
     result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.batch_size=3", "--set", "runtime.num_devices=2")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: train.batch_size 3 is not divisible by the 2 replicas"
+    # bench checks the same before starting anything; --devices is runtime.num_devices.
+    bench = run_cli(capsys, monkeypatch, "bench", write(tmp_path, ""), "--devices", "2", "--set", "train.batch_size=3")
+    assert bench.exit_code == 2
+    assert bench.stderr.strip() == "error: train.batch_size 3 is not divisible by the 2 replicas"
 
 
 def test_missing_dataset_and_too_few_classes(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """End to end through the real CLI on the CPU XLA device: a tiny model, a few steps."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ STEPS = [
     "train.steps=12",
     "train.log_every=4",
     "train.checkpoint_every=6",
+    "runtime.profile_steps=[4,5]",
 ]
 
 
@@ -44,7 +46,18 @@ def test_training_run_succeeds_without_recompiling(trained):
     assert 1 <= summary["compilations_total"] <= 3
     assert summary["images_per_second"] > 0 and summary["wall_seconds"] > summary["first_step_seconds"] > 0
     assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert 0.0 <= summary["device_wait_fraction"] < 1.0
     assert "WARNING" not in result.stderr
+
+
+def test_the_profiler_traced_the_configured_steps(trained):
+    output, result = trained
+    assert f"profiled steps 4-5: open {output / 'tensorboard'}" in result.stderr
+    (trace,) = (output / "tensorboard" / "plugins" / "profile").glob("*/*.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    names = [event.get("name", "") for event in events]
+    assert names.count("StepMarker") >= 2  # the two traced steps' graph launches
+    assert (trace.parent / trace.name.replace(".trace.json.gz", ".xplane.pb")).is_file()  # what TensorBoard opens
 
 
 def test_the_data_had_varied_sizes_and_empty_images(trained):

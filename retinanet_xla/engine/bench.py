@@ -7,7 +7,7 @@ images/s, and whether anything recompiles, before any data is in place.
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -15,6 +15,7 @@ from retinanet_xla.config import Config
 from retinanet_xla.engine.build import build_runtime, build_train_step
 from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
 from retinanet_xla.engine.runtime import Stopwatch
+from retinanet_xla.engine.trainer import dataset_split, train_batches
 
 DISTINCT_BATCHES = 4
 
@@ -46,41 +47,55 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
     return batches
 
 
-def benchmark(config: Config, steps: int) -> Dict:
+def benchmark(config: Config, steps: int, input_pipeline: bool = False) -> Dict:
     """Run ``steps`` training steps on every local XLA device (``runtime.num_devices``), as
-    ``train`` would; step 1 includes compilation, the rest are timed together."""
+    ``train`` would; step 1 includes compilation, the rest are timed together.
+
+    ``input_pipeline``: batches come through the real data pipeline (the config's train split,
+    or the synthetic dataset written to a scratch directory) with ``data.num_workers``, instead
+    of a few random batches held in memory; ``device_wait_fraction`` then tells whether the
+    pipeline keeps up."""
     if steps < 2:
         raise ValueError("bench needs at least 2 steps: one to compile, one to time")
     replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
-    if replicas == 1:
-        return _benchmark(Replicas(), config, steps)
     if replicas is not None:
         Replicas(world=replicas).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:
+        data_root = Path(scratch) if input_pipeline else None
+        if data_root is not None:
+            dataset_split(config, "train", data_root)  # written once, before any replica reads it
+        if replicas == 1:
+            return _benchmark(Replicas(), config, steps, data_root)
         result_file = Path(scratch) / "bench.json"
-        launch(_bench_replica, (config, steps, result_file), num_devices=config.runtime.num_devices)
+        launch(_bench_replica, (config, steps, data_root, result_file), num_devices=config.runtime.num_devices)
         return json.loads(result_file.read_text())
 
 
-def _bench_replica(replicas: Replicas, config: Config, steps: int, result_file: Path) -> None:
-    result = _benchmark(replicas, config, steps)
+def _bench_replica(replicas: Replicas, config: Config, steps: int, data_root: Optional[Path], result_file: Path) -> None:
+    result = _benchmark(replicas, config, steps, data_root)
     if replicas.is_master:
         result_file.write_text(json.dumps(result))
 
 
-def _benchmark(replicas: Replicas, config: Config, steps: int) -> Dict:
+def _host_batches(config: Config, replicas: Replicas, steps: int, data_root: Optional[Path]) -> Iterator[Dict[str, torch.Tensor]]:
+    if data_root is not None:
+        stream = train_batches(config, dataset_split(config, "train", data_root), replicas)
+        return (batch for _, batch in zip(range(steps), stream))
+    fixed = synthetic_batches(config, replicas.share(config.train.batch_size, "train.batch_size"), seed=replicas.rank)
+    return (fixed[i % DISTINCT_BATCHES] for i in range(steps))
+
+
+def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Optional[Path]) -> Dict:
     runtime = build_runtime(config, replicas)
     step_fn = build_train_step(config, runtime, replicas)
-    batch_size = replicas.share(config.train.batch_size, "train.batch_size")
-    host_batches = synthetic_batches(config, batch_size, seed=replicas.rank)
-    batches = runtime.device_batches(host_batches[i % DISTINCT_BATCHES] for i in range(steps))
+    batches = runtime.device_batches(_host_batches(config, replicas, steps, data_root))
 
     clock = Stopwatch()
     outputs = step_fn(next(batches))
     runtime.sync(collective=True)
     runtime.wait()
     first_step = clock.seconds()
-    compiled_at_warmup = runtime.compilations()
+    compiled_at_warmup, waited_at_warmup = runtime.compilations(), batches.wait_seconds
     warm = Stopwatch()
     for _ in range(steps - 1):
         outputs = step_fn(next(batches))
@@ -91,7 +106,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int) -> Dict:
     final_loss = float(outputs["loss"].cpu())
     # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
     # slowest sets the pace).
-    times = torch.tensor([[first_step, warm_seconds / (steps - 1)]], dtype=torch.float32)
+    times = torch.tensor([[first_step, warm_seconds / (steps - 1), (batches.wait_seconds - waited_at_warmup) / warm_seconds]])
     if replicas.world > 1:
         times = replicas.gather(times, runtime.device)
         runtime.sync(collective=True)
@@ -100,6 +115,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int) -> Dict:
     return {
         "device": str(runtime.device),
         "replicas": replicas.world,
+        "input": f"data pipeline, {config.data.num_workers} worker(s) per replica" if data_root is not None else "in-memory random batches",
         "steps": steps,
         "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),
@@ -108,6 +124,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int) -> Dict:
         "step_seconds": round(step_seconds, 4),
         "replica_step_seconds": [round(float(t), 4) for t in times[:, 1]],
         "images_per_second": round(config.train.batch_size / step_seconds, 2),
+        "device_wait_fraction": round(float(times[:, 2].max()), 4),
         "compilations_total": compiled["count"],
         "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
         "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
@@ -200,14 +200,50 @@ class Runtime:
                 found[key] = metrics.counter_value(counter) or 0
         return found
 
-    def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]]) -> Iterator[Dict[str, torch.Tensor]]:
+    def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]]) -> "TimedBatches":
         """Batches on the device. On XLA a background thread transfers the next batches while
         the device runs the current step (torch_xla's MpDeviceLoader)."""
         if self.is_xla:
             import torch_xla.distributed.parallel_loader as parallel_loader
 
-            return iter(parallel_loader.MpDeviceLoader(batches, self.device))
-        return ({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
+            return TimedBatches(parallel_loader.MpDeviceLoader(batches, self.device))
+        return TimedBatches({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
+
+    def start_profile(self, log_dir: Path) -> None:
+        """Start torch_xla's profiler (host and device activity); TensorBoard's profile plugin
+        reads what ``stop_profile`` writes under ``log_dir``."""
+        if self.is_xla:
+            import torch_xla.debug.profiler as profiler
+
+            log_dir.mkdir(parents=True, exist_ok=True)
+            profiler.start_trace(str(log_dir))
+
+    def stop_profile(self) -> None:
+        if self.is_xla:
+            import torch_xla.debug.profiler as profiler
+
+            self.wait()  # the traced steps' device work belongs in the trace
+            profiler.stop_trace()
+
+
+class TimedBatches:
+    """An iterator of batches that counts the seconds the loop waited for the next one. Device
+    work is queued asynchronously, so while the loop waits the device finishes what was queued
+    and then idles: the wait is an upper bound on the device's time starved of input."""
+
+    def __init__(self, batches: Iterable):
+        self._batches = iter(batches)
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> "TimedBatches":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.wait_seconds += time.perf_counter() - start
 
 
 class Stopwatch:

@@ -80,6 +80,16 @@ class BatchCounters:
             yield {key: batch[key] for key in DEVICE_KEYS}
 
 
+def train_batches(config: Config, coco: CocoDataset, replicas: Replicas, start_batch: int = 0) -> BatchCounters:
+    """This replica's endless stream of augmented training batches. Starting at
+    ``start_batch`` (the step a checkpoint reached), a resumed run sees the same images with
+    the same augmentation as an uninterrupted one."""
+    batch_size = check_batch_sizes(config, replicas)
+    dataset = DetectionDataset(coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation)
+    sampler = TrainSampler(len(dataset), batch_size, replicas.world, replicas.rank, config.train.seed, start_batch=start_batch)
+    return BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
+
+
 def check_batch_sizes(config: Config, replicas: Replicas) -> int:
     """Each replica's training batch; the evaluation batch must split over the replicas too."""
     if config.train.eval_every > 0:
@@ -112,12 +122,8 @@ class Trainer:
         if resume:
             self._restore()
 
-        dataset = DetectionDataset(self.coco.records, self.coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation)
-        # The sampler restarts at the batch the checkpoint reached: the resumed run sees the
-        # same images with the same augmentation as an uninterrupted one.
-        sampler = TrainSampler(len(dataset), self.batch_size, world_size, replicas.rank, config.train.seed, start_batch=self.start_step)
-        self.counters = BatchCounters(build_loader(dataset, sampler, self.batch_size, config.data.num_workers))
-        self.num_images = len(dataset)
+        self.counters = train_batches(config, self.coco, replicas, start_batch=self.start_step)
+        self.num_images = len(self.coco.records)
 
         self.evaluator = None
         if config.train.eval_every > 0:  # every replica evaluates its shard of the split
@@ -213,11 +219,16 @@ class Trainer:
         batches = runtime.device_batches(self.counters)
         replicas.barrier()  # every replica is past its own setup graphs before step 1's
         clock = Stopwatch()
-        warm_clock, warmup_compilations, first_step_seconds = None, 0, 0.0
+        warm_clock, warmup_compilations, first_step_seconds, warm_wait = None, 0, 0.0, 0.0
         first = self.start_step + 1
+        profile = self.config.runtime.profile_steps if replicas.is_master else None  # one trace per run
+        profiling = False
         try:
             with PreemptionGuard(stop_file(self.output_dir)) as guard:
                 for step in range(first, c.steps + 1):
+                    if profile and step == profile[0]:
+                        runtime.start_profile(self.output_dir / "tensorboard")
+                        profiling = True
                     outputs = self.step_fn(next(batches))
                     is_last = step == c.steps
                     checkpoint_now = step % c.checkpoint_every == 0 or is_last
@@ -234,11 +245,15 @@ class Trainer:
                     stop, diverged = False, False
                     if decision_step:
                         stop, diverged = replicas.agree([stop_requested, self.diverged_at is not None], runtime)
+                    if profiling and step == min(profile[1], c.steps):
+                        runtime.stop_profile()
+                        profiling = False
+                        log.message(f"profiled steps {profile[0]}-{step}: open {self.output_dir / 'tensorboard'} in TensorBoard's profile tab")
                     if step == first:
                         runtime.wait()
                         warmup_compilations = runtime.compilations()["count"]
                         first_step_seconds = clock.seconds()
-                        warm_clock = Stopwatch()
+                        warm_clock, warm_wait = Stopwatch(), batches.wait_seconds
                         log.message(f"step {step} done in {first_step_seconds:.1f} s ({warmup_compilations} graphs compiled)")
                     elif step % c.log_every == 0 or is_last:
                         new = runtime.compilations()["count"] - warmup_compilations
@@ -263,8 +278,11 @@ class Trainer:
                         )
             runtime.wait()
         finally:
+            if profiling:  # stopped or failed inside the window: keep what was traced
+                runtime.stop_profile()
             log.close()
-        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations)
+        wait_fraction = (batches.wait_seconds - warm_wait) / warm_clock.seconds() if warm_clock and warm_clock.seconds() > 0 else None
+        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations, wait_fraction)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
         """Every replica runs the model over its shard; the master scores the gathered
@@ -283,7 +301,7 @@ class Trainer:
             self.checkpoints.save_best(self._payload(step))
         self.replicas.barrier()
 
-    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int) -> Dict:
+    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, wait_fraction: Optional[float]) -> Dict:
         c = self.config.train
         compiled = self.runtime.compilations()
         steps_run = c.steps - self.start_step
@@ -295,6 +313,9 @@ class Trainer:
             "wall_seconds": round(clock.seconds(), 3),
             "first_step_seconds": round(first_step_seconds, 3),
             "images_per_second": round(warm_steps * c.batch_size / warm_seconds, 3) if warm_steps > 0 and warm_seconds else None,
+            # Of the wall time after step 1, the share the loop waited for input (an upper bound
+            # on the device's idle time; evaluation and checkpoints count as not waiting).
+            "device_wait_fraction": round(wait_fraction, 4) if wait_fraction is not None and warm_steps > 0 else None,
             "compilations_total": compiled["count"],
             "compilations_after_warmup": compiled["count"] - warmup_compilations if steps_run else 0,
             "compile_seconds": round(compiled["seconds"], 3),
