@@ -14,7 +14,7 @@ import torch
 from retinanet_xla.config import Config
 from retinanet_xla.engine.build import build_runtime, build_train_step
 from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
-from retinanet_xla.engine.runtime import Stopwatch
+from retinanet_xla.engine.runtime import InputWait, Stopwatch
 from retinanet_xla.engine.trainer import dataset_split, train_batches
 
 DISTINCT_BATCHES = 4
@@ -95,18 +95,20 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     runtime.sync(collective=True)
     runtime.wait()
     first_step = clock.seconds()
-    compiled_at_warmup, waited_at_warmup = runtime.compilations(), batches.wait_seconds
+    compiled_at_warmup, input_wait = runtime.compilations(), InputWait(runtime, batches)
     warm = Stopwatch()
     for _ in range(steps - 1):
         outputs = step_fn(next(batches))
         runtime.sync(collective=True)
     runtime.wait()
     warm_seconds = warm.seconds()
+    waits = input_wait.fractions()
     compiled = runtime.compilations()
     final_loss = float(outputs["loss"].cpu())
     # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
     # slowest sets the pace).
-    times = torch.tensor([[first_step, warm_seconds / (steps - 1), (batches.wait_seconds - waited_at_warmup) / warm_seconds]])
+    idle = waits["device_idle_fraction"]
+    times = torch.tensor([[first_step, warm_seconds / (steps - 1), waits["input_wait_fraction"], -1.0 if idle is None else idle, waits["device_wait_fraction"]]])
     if replicas.world > 1:
         times = replicas.gather(times, runtime.device)
         runtime.sync(collective=True)
@@ -124,7 +126,10 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         "step_seconds": round(step_seconds, 4),
         "replica_step_seconds": [round(float(t), 4) for t in times[:, 1]],
         "images_per_second": round(config.train.batch_size / step_seconds, 2),
-        "device_wait_fraction": round(float(times[:, 2].max()), 4),
+        # runtime.InputWait; the worst replica.
+        "device_wait_fraction": round(float(times[:, 4].max()), 4),
+        "input_wait_fraction": round(float(times[:, 2].max()), 4),
+        "device_idle_fraction": round(float(times[:, 3].max()), 4) if idle is not None else None,
         "compilations_total": compiled["count"],
         "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
         "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,

@@ -209,6 +209,17 @@ class Runtime:
             return TimedBatches(parallel_loader.MpDeviceLoader(batches, self.device))
         return TimedBatches({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
 
+    def device_seconds(self) -> Optional[float]:
+        """Seconds each device of this process has spent executing graphs so far (torch_xla's
+        ``ExecuteTime``, averaged over the process's devices); None off XLA."""
+        if not self.is_xla:
+            return None
+        import torch_xla.debug.metrics as metrics
+        import torch_xla.runtime as xr
+
+        data = metrics.metric_data("ExecuteTime")
+        return (data[1] / 1e9 if data else 0.0) / max(xr.addressable_device_count(), 1)
+
     def start_profile(self, log_dir: Path) -> None:
         """Start torch_xla's profiler (host and device activity); TensorBoard's profile plugin
         reads what ``stop_profile`` writes under ``log_dir``."""
@@ -244,6 +255,31 @@ class TimedBatches:
             return next(self._batches)
         finally:
             self.wait_seconds += time.perf_counter() - start
+
+
+class InputWait:
+    """How much of the wall time since it was created went to waiting for input.
+
+    ``input_wait_fraction``: the loop blocked on the next batch. ``device_idle_fraction``: the
+    devices executed nothing (for any reason). The device can only have waited for input while
+    both held, so ``device_wait_fraction`` is the smaller: an upper bound. (On the CPU client the
+    first alone overstates: the batch transfer waits for the device lock while a step runs.)"""
+
+    def __init__(self, runtime: "Runtime", batches: TimedBatches):
+        self.runtime, self.batches = runtime, batches
+        self.start = (time.perf_counter(), batches.wait_seconds, runtime.device_seconds())
+
+    def fractions(self) -> Dict[str, Optional[float]]:
+        start_time, start_wait, start_device = self.start
+        wall = max(time.perf_counter() - start_time, 1e-9)
+        waiting = (self.batches.wait_seconds - start_wait) / wall
+        device = self.runtime.device_seconds()
+        idle = None if device is None else min(max(1.0 - (device - start_device) / wall, 0.0), 1.0)
+        return {
+            "input_wait_fraction": round(waiting, 4),
+            "device_idle_fraction": None if idle is None else round(idle, 4),
+            "device_wait_fraction": round(waiting if idle is None else min(waiting, idle), 4),
+        }
 
 
 class Stopwatch:

@@ -24,7 +24,7 @@ from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
 from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
 from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
-from retinanet_xla.engine.runtime import Stopwatch
+from retinanet_xla.engine.runtime import InputWait, Stopwatch
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -219,7 +219,7 @@ class Trainer:
         batches = runtime.device_batches(self.counters)
         replicas.barrier()  # every replica is past its own setup graphs before step 1's
         clock = Stopwatch()
-        warm_clock, warmup_compilations, first_step_seconds, warm_wait = None, 0, 0.0, 0.0
+        warm_clock, warmup_compilations, first_step_seconds, input_wait = None, 0, 0.0, None
         first = self.start_step + 1
         profile = self.config.runtime.profile_steps if replicas.is_master else None  # one trace per run
         profiling = False
@@ -253,7 +253,7 @@ class Trainer:
                         runtime.wait()
                         warmup_compilations = runtime.compilations()["count"]
                         first_step_seconds = clock.seconds()
-                        warm_clock, warm_wait = Stopwatch(), batches.wait_seconds
+                        warm_clock, input_wait = Stopwatch(), InputWait(runtime, batches)
                         log.message(f"step {step} done in {first_step_seconds:.1f} s ({warmup_compilations} graphs compiled)")
                     elif step % c.log_every == 0 or is_last:
                         new = runtime.compilations()["count"] - warmup_compilations
@@ -281,8 +281,8 @@ class Trainer:
             if profiling:  # stopped or failed inside the window: keep what was traced
                 runtime.stop_profile()
             log.close()
-        wait_fraction = (batches.wait_seconds - warm_wait) / warm_clock.seconds() if warm_clock and warm_clock.seconds() > 0 else None
-        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations, wait_fraction)
+        waits = input_wait.fractions() if input_wait is not None and c.steps > first else {}
+        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations, waits)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
         """Every replica runs the model over its shard; the master scores the gathered
@@ -301,7 +301,7 @@ class Trainer:
             self.checkpoints.save_best(self._payload(step))
         self.replicas.barrier()
 
-    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, wait_fraction: Optional[float]) -> Dict:
+    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, waits: Dict) -> Dict:
         c = self.config.train
         compiled = self.runtime.compilations()
         steps_run = c.steps - self.start_step
@@ -313,9 +313,8 @@ class Trainer:
             "wall_seconds": round(clock.seconds(), 3),
             "first_step_seconds": round(first_step_seconds, 3),
             "images_per_second": round(warm_steps * c.batch_size / warm_seconds, 3) if warm_steps > 0 and warm_seconds else None,
-            # Of the wall time after step 1, the share the loop waited for input (an upper bound
-            # on the device's idle time; evaluation and checkpoints count as not waiting).
-            "device_wait_fraction": round(wait_fraction, 4) if wait_fraction is not None and warm_steps > 0 else None,
+            # After step 1 (evaluation and checkpoints included): runtime.InputWait.
+            **{key: waits.get(key) for key in ("device_wait_fraction", "input_wait_fraction", "device_idle_fraction")},
             "compilations_total": compiled["count"],
             "compilations_after_warmup": compiled["count"] - warmup_compilations if steps_run else 0,
             "compile_seconds": round(compiled["seconds"], 3),
