@@ -156,6 +156,33 @@ def predict(
     typer.echo(f"wrote {json_path}")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | exported-program | stablehlo"),
+    output: Optional[Path] = typer.Option(None, "--output", help="Directory for the artefact and its JSON (default: RUN/export/STEP)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="The fixed batch size of the exported graph."),
+    float_input: bool = typer.Option(False, "--float-input", help="Take normalised float32 images instead of uint8 pixels."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    check: bool = typer.Option(False, "--check", help="Run the artefact on validation images and compare with the in-package model (exit 1 if they differ)."),
+) -> None:
+    """Write the detector for serving: fixed-size outputs with NMS in the graph (StableHLO: the
+    fixed-size candidates), and a JSON with the input size, normalisation and categories."""
+    from retinanet_xla.export.formats import check_passes
+    from retinanet_xla.export.run import export_checkpoint
+
+    exported, report = export_checkpoint(checkpoint, fmt, output, batch_size, not float_input, overrides, check)
+    typer.echo(f"wrote {exported.path} and {exported.metadata}" + ("" if exported.with_nms else " (candidates only: NMS is left to the caller)"))
+    if report is not None:
+        typer.echo(
+            f"check on {report['images']} validation image(s): {report['count_mismatches']} count and {report['label_mismatches']} label mismatches, "
+            f"boxes within {report['max_box_relative_difference']:.2e} relative, scores within {report['max_score_difference']:.2e}"
+        )
+        if not check_passes(report):
+            typer.echo("error: the exported model does not match the in-package model", err=True)
+            raise typer.Exit(1)
+
+
 app.add_typer(data_app, name="data")
 
 

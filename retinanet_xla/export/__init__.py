@@ -1,0 +1,1 @@
+"""``retinanet-xla export``: the trained detector as a self-contained graph for serving."""
