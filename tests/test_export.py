@@ -97,3 +97,27 @@ def test_an_unknown_format_is_one_line(checkpoint, tmp_path, capsys, monkeypatch
     result = run_cli(capsys, monkeypatch, "export", checkpoint, "--format", "tflite", "--output", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --format tflite: expected one of onnx, torchscript, exported-program, stablehlo"
+
+
+def test_the_onnxruntime_snippet_in_the_docs_runs(checkpoint, tmp_path, capsys, monkeypatch):
+    """docs/export.md's serving code, on an exported model and a validation image."""
+    result = run_cli(capsys, monkeypatch, "export", checkpoint, "--format", "onnx", "--output", tmp_path, "--batch-size", "2")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    text = (ROOT / "docs" / "export.md").read_text()
+    snippet = text.split("```python\n")[1].split("```")[0]
+    image = _write_image(tmp_path)
+    snippet = snippet.replace('"runs/demo/export/step_00000800/model.onnx"', repr(str(tmp_path / "model.onnx")))
+    snippet = snippet.replace('"runs/demo/synthetic/val/000001.jpg"', repr(str(image)))
+    capsys.readouterr()
+    exec(compile(snippet, "docs/export.md", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert 1 <= len(printed) <= 30
+    assert all(line.split()[0] in {"rectangle", "ellipse", "triangle", "cross"} for line in printed)
+
+
+def _write_image(directory):
+    from PIL import Image
+
+    path = directory / "image.jpg"  # not square: the letterbox pads it
+    Image.new("RGB", (80, 50), (120, 30, 200)).save(path)
+    return path
