@@ -13,7 +13,7 @@ import torch
 
 from retinanet_xla.config import Config
 from retinanet_xla.engine.build import build_runtime, build_train_step
-from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
+from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
 from retinanet_xla.engine.runtime import InputWait, Stopwatch
 from retinanet_xla.engine.trainer import dataset_split, train_batches
 
@@ -57,7 +57,7 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False) -> Dict:
     pipeline keeps up."""
     if steps < 2:
         raise ValueError("bench needs at least 2 steps: one to compile, one to time")
-    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if replicas is not None:
         Replicas(world=replicas).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:

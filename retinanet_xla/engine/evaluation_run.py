@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from retinanet_xla.config import ConfigError
 from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from retinanet_xla.engine.inference import inference_config, load_for_inference
-from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
+from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
 from retinanet_xla.engine.trainer import dataset_split
 from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 
@@ -23,7 +23,7 @@ def evaluate_checkpoint(
     payload = load_checkpoint(checkpoint)
     config = inference_config(checkpoint, payload, overrides)
     output_dir = Path(output) if output else default_eval_dir(checkpoint)
-    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if replicas is not None:
         Replicas(world=replicas).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
     coco = dataset_split(config, "val", checkpoint.parent.parent)  # checked, and written once if synthetic

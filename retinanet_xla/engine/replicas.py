@@ -176,10 +176,14 @@ def _replica_entry(index: int, function: Callable, args: tuple, agreed_errors: t
         os._exit(2 if isinstance(error, USER_ERRORS) else 1)
 
 
-def local_device_count(num_devices: Optional[int]) -> Optional[int]:
-    """How many replicas this host will run, when it can be known without starting the runtime
-    (the launcher must not touch the device before ``xmp.spawn``): on the CPU client,
-    ``num_devices`` or else ``CPU_NUM_DEVICES``; on TPU, None for all of the host's."""
+def local_replica_count(device: str, num_devices: Optional[int]) -> Optional[int]:
+    """How many replicas a command runs on this host (``runtime.device``,
+    ``runtime.num_devices``), when it can be known without starting the runtime (the launcher
+    must not touch the device before ``xmp.spawn``): 1 off XLA; on the CPU client,
+    ``num_devices`` or else ``CPU_NUM_DEVICES``; on TPU, ``num_devices``, or None for all of the
+    host's."""
+    if device != "xla":
+        return 1
     if num_devices is not None or os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU":
         return num_devices
     return int(os.environ.get("CPU_NUM_DEVICES", "1"))

@@ -23,7 +23,7 @@ from retinanet_xla.engine.checkpoint import CheckpointError
 from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
 from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
-from retinanet_xla.engine.replicas import Replicas, launch, local_device_count
+from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
 from retinanet_xla.engine.runtime import InputWait, Stopwatch
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Trainer:
         world_size = replicas.world
         if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
             raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
-        self.batch_size = check_batch_sizes(config, replicas)
+        check_batch_sizes(config, replicas)  # before anything is built
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if replicas.is_master:
             save_config(config, self.output_dir / "config.yaml")
@@ -341,7 +341,7 @@ def train(config: Config, output_dir: Path, resume: bool = True, console: Option
     (``runtime.num_devices`` null: all of them). Returns the summary."""
     output_dir = Path(output_dir)
     stop_file(output_dir).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-    replicas = local_device_count(config.runtime.num_devices) if config.runtime.device == "xla" else 1
+    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if replicas == 1:
         return Trainer(config, output_dir, resume, console).run()
     if replicas is not None:
