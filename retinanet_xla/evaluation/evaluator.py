@@ -93,7 +93,7 @@ class Evaluator:
     def _to_coco(self, rows: torch.Tensor) -> List[Dict]:
         rows = rows[rows[:, 0] >= 0]
         # Split order, and within an image the order of its detections (a stable sort): the
-        # same list, to the bit, whatever the number of replicas.
+        # same order whatever the number of replicas.
         rows = rows[torch.sort(rows[:, 0], stable=True).indices]
         indices, labels = rows[:, 0].long(), rows[:, 1].long()
         category_ids = self.coco.mapping.to_category_ids(labels.numpy())
