@@ -167,12 +167,18 @@ def test_a_global_batch_that_does_not_split_over_the_replicas_is_refused(tmp_pat
     assert result.stderr.strip().splitlines()[-1] == "error: train.batch_size 3 is not divisible by the 2 replicas"
 
 
-def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path):
-    """What a TPU VM preemption does: SIGTERM to every process. The replicas ignore it, the
-    launcher asks them to stop, and they agree on the next log step."""
-    output = tmp_path / "run"
+# torch-xla 2.9's CPU client aborted this scenario once in about seven full runs (2026-11-26):
+# an all-reduce waited for the other replica thread past XLA's 10 s rendezvous limit, after the
+# SIGTERM and before the agreed stop. Not understood yet (docs/tpu.md, "Known issue"); one
+# retry on exactly that abort, so a second occurrence still fails the test.
+CPU_RENDEZVOUS_ABORT = "Termination timeout for `all reduce"
+
+
+def stop_two_replicas_with_sigterm(workdir: Path) -> tuple:
+    workdir.mkdir(parents=True)
+    output = workdir / "run"
     command = train_command(output, "train.steps=500", "train.log_every=2", "train.checkpoint_every=1000", "runtime.num_devices=null")
-    run = TwoDeviceRun(command, tmp_path)
+    run = TwoDeviceRun(command, workdir)
     try:
         log, deadline = output / "metrics.jsonl", time.monotonic() + 600
         while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # steps 1 and 2: compiled
@@ -182,6 +188,15 @@ def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path)
         os.killpg(run.process.pid, signal.SIGTERM)
     finally:
         result = run.finish(timeout=300)
+    return output, result
+
+
+def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path):
+    """What a TPU VM preemption does: SIGTERM to every process. The replicas ignore it, the
+    launcher asks them to stop, and they agree on the next log step."""
+    output, result = stop_two_replicas_with_sigterm(tmp_path / "first")
+    if result.returncode == 1 and CPU_RENDEZVOUS_ABORT in result.stderr:
+        output, result = stop_two_replicas_with_sigterm(tmp_path / "second")
     assert result.returncode == 75, result.stderr[-3000:]
     saved = sorted((output / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1
