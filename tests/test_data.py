@@ -181,27 +181,6 @@ def test_starting_a_loader_leaves_the_global_rng_alone(synthetic):
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_loader_workers_survive_a_sigterm_from_outside(synthetic):
-    """A TPU VM preemption sends SIGTERM to every process; torch's workers would die of it
-    before the replicas agree to stop and write their checkpoint."""
-    import multiprocessing
-    import os
-    import signal
-    import time
-
-    coco = load_coco(synthetic["train"]["annotations"], synthetic["train"]["images"])
-    dataset = DetectionDataset(coco.records, coco.mapping, (64, 64), 8, Augmentation())
-    before = set(multiprocessing.active_children())
-    batches = iter(build_loader(dataset, TrainSampler(len(dataset), 2, seed=3), 2, num_workers=1))
-    next(batches)
-    (worker,) = set(multiprocessing.active_children()) - before
-    os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.5)
-    assert worker.is_alive()
-    for _ in range(20):  # more than the prefetched batches
-        assert next(batches)["images"].shape == (2, 3, 64, 64)
-
-
 def test_train_sharding_is_disjoint_and_resumable():
     replicas = [TrainSampler(50, batch_size=4, num_replicas=3, rank=r, seed=7) for r in range(3)]
     per_epoch = replicas[0].batches_per_epoch * 4

@@ -169,9 +169,8 @@ def test_a_global_batch_that_does_not_split_over_the_replicas_is_refused(tmp_pat
 
 # torch-xla 2.9's CPU client aborted this scenario once in about seven full runs (2026-11-26):
 # an all-reduce waited for the other replica thread past XLA's 10 s rendezvous limit, after the
-# SIGTERM and before the agreed stop. Probable cause, now fixed: a DataLoader worker died of
-# the SIGTERM (docs/tpu.md). Until more runs confirm it, one retry on exactly that abort; a
-# second occurrence still fails the test.
+# SIGTERM and before the agreed stop. Not understood yet (docs/tpu.md, "Known issue"); one
+# retry on exactly that abort, so a second occurrence still fails the test.
 CPU_RENDEZVOUS_ABORT = "Termination timeout for `all reduce"
 
 

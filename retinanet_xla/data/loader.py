@@ -5,7 +5,6 @@ disjoint slice of every epoch. The training stream is infinite and addressable b
 so a resumed run continues with exactly the batches it would have seen.
 """
 
-import signal
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -76,14 +75,6 @@ class EvalSampler(torch.utils.data.Sampler):
         return ((int(index), 0) for index in self.keys)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """torch's workers die on a SIGTERM from any process. A TPU VM preemption signals every
-    process, so a worker would die before its replica agreed to stop and checkpoint. The
-    trainer stops the loader itself; a worker still ends when its parent does."""
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, signal.SIG_IGN)
-
-
 def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2) -> torch.utils.data.DataLoader:
     """A DataLoader of fixed-shape batches. Workers are persistent: the training stream is
     endless and re-spawning them per epoch would stall the device. The loader gets its own
@@ -100,5 +91,4 @@ def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, b
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # augmentation has its own per-sample seeds
-        worker_init_fn=_ignore_stop_signals,
     )
