@@ -181,6 +181,46 @@ def test_starting_a_loader_leaves_the_global_rng_alone(synthetic):
     assert torch.equal(torch.rand(4), expected)
 
 
+# Run in its own process: the signals must come from a process that is not the worker's parent,
+# and the interpreter's exit (where multiprocessing ends leftover workers) is part of the test.
+SIGNALLED_LOADER = """
+import multiprocessing, sys
+from retinanet_xla.data import Augmentation, DetectionDataset, TrainSampler, build_loader, load_coco
+coco = load_coco(sys.argv[1], sys.argv[2])
+dataset = DetectionDataset(coco.records, coco.mapping, (64, 64), 8, Augmentation())
+batches = iter(build_loader(dataset, TrainSampler(len(dataset), 2, seed=3), 2, num_workers=1))
+next(batches)
+(worker,) = multiprocessing.active_children()
+print(worker.pid, flush=True)
+sys.stdin.readline()  # the test signals the worker now
+print("alive", worker.is_alive(), flush=True)
+print("batches", sum(next(batches)["images"].shape == (2, 3, 64, 64) for _ in range(20)), flush=True)
+# The persistent iterator is still referenced: the interpreter's exit must end the worker.
+"""
+
+
+def test_loader_workers_outlive_stop_signals_from_other_processes(synthetic):
+    """A TPU VM preemption or a Ctrl-C signals every process. The workers must keep feeding
+    their replica until it has agreed to stop and saved; the process must still exit."""
+    import os
+    import signal
+
+    train = synthetic["train"]
+    script = subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED_LOADER, str(train["annotations"]), str(train["images"])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        worker = int(script.stdout.readline())
+        os.kill(worker, signal.SIGTERM)
+        os.kill(worker, signal.SIGINT)
+        out, err = script.communicate("go\n", timeout=60)  # more than the prefetched batches, then exit
+    finally:
+        script.kill()
+    assert script.returncode == 0, err[-2000:]
+    assert out.split("\n")[:2] == ["alive True", "batches 20"], err[-2000:]
+
+
 def test_train_sharding_is_disjoint_and_resumable():
     replicas = [TrainSampler(50, batch_size=4, num_replicas=3, rank=r, seed=7) for r in range(3)]
     per_epoch = replicas[0].batches_per_epoch * 4

@@ -167,23 +167,20 @@ def test_a_global_batch_that_does_not_split_over_the_replicas_is_refused(tmp_pat
     assert result.stderr.strip().splitlines()[-1] == "error: train.batch_size 3 is not divisible by the 2 replicas"
 
 
-# torch-xla 2.9's CPU client aborted this scenario once in about seven full runs (2026-11-26):
-# an all-reduce waited for the other replica thread past XLA's 10 s rendezvous limit, after the
-# SIGTERM and before the agreed stop. Not understood yet (docs/tpu.md, "Known issue"); one
-# retry on exactly that abort, so a second occurrence still fails the test.
-CPU_RENDEZVOUS_ABORT = "Termination timeout for `all reduce"
+LOG_EVERY = 10
 
 
 def stop_two_replicas_with_sigterm(workdir: Path) -> tuple:
-    workdir.mkdir(parents=True)
     output = workdir / "run"
-    command = train_command(output, "train.steps=500", "train.log_every=2", "train.checkpoint_every=1000", "runtime.num_devices=null")
+    # Stops are agreed at log steps: the replicas keep training for up to 10 steps after the
+    # signal, and their loader workers keep producing batches meanwhile.
+    command = train_command(output, "train.steps=500", f"train.log_every={LOG_EVERY}", "train.checkpoint_every=1000", "runtime.num_devices=null")
     run = TwoDeviceRun(command, workdir)
     try:
         log, deadline = output / "metrics.jsonl", time.monotonic() + 600
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # steps 1 and 2: compiled
+        while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # steps 1 and 10: compiled
             assert run.process.poll() is None, run.err.read_text()[-3000:]
-            assert time.monotonic() < deadline, "training never reached step 2"
+            assert time.monotonic() < deadline, f"training never reached step {LOG_EVERY}"
             time.sleep(0.05)
         os.killpg(run.process.pid, signal.SIGTERM)
     finally:
@@ -194,13 +191,14 @@ def stop_two_replicas_with_sigterm(workdir: Path) -> tuple:
 def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path):
     """What a TPU VM preemption does: SIGTERM to every process. The replicas ignore it, the
     launcher asks them to stop, and they agree on the next log step."""
-    output, result = stop_two_replicas_with_sigterm(tmp_path / "first")
-    if result.returncode == 1 and CPU_RENDEZVOUS_ABORT in result.stderr:
-        output, result = stop_two_replicas_with_sigterm(tmp_path / "second")
+    output, result = stop_two_replicas_with_sigterm(tmp_path)
     assert result.returncode == 75, result.stderr[-3000:]
+    # torch's loader workers died of the signal; their replica's loader thread then printed
+    # "DataLoader worker ... exited unexpectedly" and ended the stream early.
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     saved = sorted((output / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1
     step = int(saved[0].stem.split("_")[1])
-    assert step % 2 == 0 and 2 <= step < 500  # a log step, where the replicas agree
+    assert step % LOG_EVERY == 0 and LOG_EVERY <= step < 500  # a log step, where the replicas agree
     assert f"stopped by signal 15 at step {step}; saved {saved[0]}; run the same command again to resume" in result.stderr
     assert load_checkpoint(saved[0])["step"] == step

@@ -5,6 +5,9 @@ disjoint slice of every epoch. The training stream is infinite and addressable b
 so a resumed run continues with exactly the batches it would have seen.
 """
 
+import os
+import signal
+import threading
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -75,13 +78,53 @@ class EvalSampler(torch.utils.data.Sampler):
         return ((int(index), 0) for index in self.keys)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _receive_stop_signals_from_the_parent_only(worker_id: int) -> None:
+    """A worker's stop signals are its parent's business alone.
+
+    A TPU VM preemption or a Ctrl-C signals every process; torch's workers die of a foreign
+    SIGTERM and quit on SIGINT, so a replica lost its input (the batches already queued too)
+    before the replicas agreed to stop and save. Ignoring the signals is no answer either:
+    multiprocessing ends leftover workers with SIGTERM at exit and would wait forever. Only the
+    sender tells the two apart, and only ``sigwaitinfo`` gives it: the worker starts with the
+    signals blocked in every thread (``StopSignalsBlockedAtStart``), and this thread receives
+    them, exiting when the parent sent one and ignoring the rest. A worker whose parent died
+    still ends through torch's watchdog.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def receive() -> None:
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=receive, name="stop-signals", daemon=True).start()
+
+
+class StopSignalsBlockedAtStart(torch.utils.data.DataLoader):
+    """Workers start with SIGTERM and SIGINT blocked. A signal mask is inherited by a forked or
+    spawned process and by every thread it starts, so no thread of the worker (importing
+    torch_xla starts some) can take a stop signal before its receiver runs. In the starting
+    thread a signal only waits until the workers exist."""
+
+    def __iter__(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2) -> torch.utils.data.DataLoader:
     """A DataLoader of fixed-shape batches. Workers are persistent: the training stream is
     endless and re-spawning them per epoch would stall the device. The loader gets its own
     generator: without one, starting an iterator draws worker seeds from torch's global RNG,
     which replica threads share, and a replica doing that while another initialises its model
     under the seed gave the replicas different starting weights."""
-    return torch.utils.data.DataLoader(
+    return StopSignalsBlockedAtStart(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -91,4 +134,5 @@ def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, b
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # augmentation has its own per-sample seeds
+        worker_init_fn=_receive_stop_signals_from_the_parent_only,
     )

@@ -29,8 +29,8 @@ class LaunchOrder:
     Two threads compiling the same graph at once give its all-reduce different op ids, and it
     deadlocks until XLA aborts the process after 10 s (torch-xla 2.9.0, CPU). So the replicas
     take turns in rank order, and a replica's turn ends as soon as its graph is compiled or
-    found in the cache: not when it returns, because a launch may run the graph inline, which
-    waits in the all-reduce for the next replicas to launch theirs. At most one replica is
+    found in the cache: not when it returns, because a launch waits for the graph (``sync``),
+    which waits in the all-reduce for the next replicas to launch theirs. At most one replica is
     between "started" and "past compilation" at a time, so the process-wide counters tell.
 
     Rank 0 starts a launch only once every replica has arrived at it. Otherwise another replica
@@ -106,7 +106,6 @@ class Runtime:
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
         self._after_sync = []
-        self._tokens = []
         if kind == "xla":
             import torch_xla
             import torch_xla.runtime as xr
@@ -134,17 +133,20 @@ class Runtime:
     def sync(self, collective: bool = False) -> None:
         """End the traced step: XLA compiles (first time) and launches the graph asynchronously.
         ``collective``: the graph all-reduces across replicas and every replica launches it at
-        the same point (see LaunchOrder). Then the ``on_step_end`` callbacks run."""
+        the same point (see LaunchOrder); replicas that are threads of this process wait for
+        it. Then the ``on_step_end`` callbacks run."""
         if self.is_xla:
             import torch_xla
 
             if collective and self.order is not None:
                 device = torch_xla._XLAC._xla_get_default_device()
-                self.order.run(self.rank, lambda: torch_xla._XLAC._xla_step_marker(device, [], wait=False))
-                # sync() below drops the step's all-reduce token. Freeing it would wait for
-                # this step while holding the GIL, so the other replicas could never launch
-                # theirs: keep it for three more launches, by when it is surely computed.
-                self._tokens = [*self._tokens, torch_xla._XLAC._get_all_reduce_token(device)][-3:]
+                # Launched and waited for. With the collective steps left to run asynchronously, a
+                # 2-device CPU run deadlocked after 40-75 s: one replica's step waited in its
+                # all-reduce while the other replica's launch waited for its device, still held
+                # by the cleanup of its previous step. The wait also means the step's all-reduce
+                # token, which sync() drops, is computed: freeing it earlier waited for the step
+                # while holding the GIL.
+                self.order.run(self.rank, lambda: torch_xla._XLAC._xla_step_marker(device, [], wait=True))
             torch_xla.sync()
         pending, self._after_sync = self._after_sync, []
         for callback, tensors in pending:
@@ -167,11 +169,13 @@ class Runtime:
         self.sync()
 
     def wait(self) -> None:
-        """Block until the device has finished all launched work (for honest timings)."""
+        """Block until this device has finished all launched work (for honest timings)."""
         if self.is_xla:
             import torch_xla.core.xla_model as xm
 
-            xm.wait_device_ops()
+            # This replica's device only: waiting for all of a process's devices would wait
+            # for another replica's next collective step, which waits for this replica.
+            xm.wait_device_ops(xm.xla_real_devices([self.device]))
         elif self.kind == "cuda":
             torch.cuda.synchronize()
 
@@ -206,7 +210,8 @@ class Runtime:
         if self.is_xla:
             import torch_xla.distributed.parallel_loader as parallel_loader
 
-            return TimedBatches(parallel_loader.MpDeviceLoader(batches, self.device))
+            source = _RememberedFailure(batches)
+            return TimedBatches(parallel_loader.MpDeviceLoader(source, self.device), source)
         return TimedBatches({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
 
     def device_seconds(self) -> Optional[float]:
@@ -237,13 +242,32 @@ class Runtime:
             profiler.stop_trace()
 
 
+class _RememberedFailure:
+    """Host batches that remember why they ended. torch_xla's loader thread prints the error of
+    the host loader (a dead worker, a user's bad file) and ends the device stream as if the data
+    had run out; the loop must fail with that error instead."""
+
+    def __init__(self, batches: Iterable):
+        self._batches = batches
+        self.error: Optional[BaseException] = None
+
+    def __iter__(self):
+        try:
+            yield from self._batches
+        except BaseException as error:
+            self.error = error
+            raise
+
+
 class TimedBatches:
     """An iterator of batches that counts the seconds the loop waited for the next one. Device
     work is queued asynchronously, so while the loop waits the device finishes what was queued
-    and then idles: the wait is an upper bound on the device's time starved of input."""
+    and then idles: the wait is an upper bound on the device's time starved of input.
+    ``source``, when the batches come through a background thread, is re-raised at their end."""
 
-    def __init__(self, batches: Iterable):
+    def __init__(self, batches: Iterable, source: Optional[_RememberedFailure] = None):
         self._batches = iter(batches)
+        self._source = source
         self.wait_seconds = 0.0
 
     def __iter__(self) -> "TimedBatches":
@@ -253,6 +277,10 @@ class TimedBatches:
         start = time.perf_counter()
         try:
             return next(self._batches)
+        except StopIteration:
+            if self._source is not None and self._source.error is not None:
+                raise self._source.error from None
+            raise
         finally:
             self.wait_seconds += time.perf_counter() - start
 
