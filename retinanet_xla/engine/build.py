@@ -94,5 +94,7 @@ def build_train_step(config: Config, runtime: Runtime, replicas: Replicas = Repl
     step = TrainStep(
         model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, replicas, ema
     )
-    runtime.sync()
+    # Replicas that are threads of one process take turns (as for a collective graph), so the
+    # first compiles this graph and the others find it compiled, instead of all compiling it.
+    runtime.sync(collective=True)
     return step
