@@ -193,8 +193,8 @@ def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path)
     launcher asks them to stop, and they agree on the next log step."""
     output, result = stop_two_replicas_with_sigterm(tmp_path)
     assert result.returncode == 75, result.stderr[-3000:]
-    # torch's loader workers died of the signal; their replica's loader thread then printed
-    # "DataLoader worker ... exited unexpectedly" and ended the stream early.
+    # torch's loader workers died of the signal; their replica's batches then ended in
+    # "DataLoader worker ... exited unexpectedly".
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     saved = sorted((output / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1

@@ -66,17 +66,27 @@ class SGD:
 
     @torch.no_grad()
     def step(self, lr: Tensor) -> None:
+        """One update of every parameter that has a gradient, in ``_foreach`` ops that trace each
+        operation once for all parameters, and out of place, then copied: on XLA an in-place
+        binary op checks its broadcast in Python, per tensor. Per-parameter in-place ops took
+        45 ms per step of host time on CPU XLA for a ResNet-18 RetinaNet, half of all tracing."""
         momentum, nesterov, weight_decay = self.config.momentum, self.config.nesterov, self.config.weight_decay
-        for parameter, buffer, decays in zip(self.params, self.momentum_buffers, self.decay_flags):
-            if parameter.grad is None:
-                continue
-            gradient = parameter.grad
-            if decays and weight_decay:
-                gradient = gradient.add(parameter, alpha=weight_decay)
-            if momentum:
-                buffer.mul_(momentum).add_(gradient)
-                gradient = gradient.add(buffer, alpha=momentum) if nesterov else buffer
-            parameter.sub_(lr * gradient)
+        active = [k for k, parameter in enumerate(self.params) if parameter.grad is not None]
+        if not active:
+            return
+        params = [self.params[k] for k in active]
+        gradients = [parameter.grad for parameter in params]
+        if weight_decay:
+            decayed = [i for i, k in enumerate(active) if self.decay_flags[k]]
+            if decayed:
+                with_decay = torch._foreach_add([gradients[i] for i in decayed], [params[i] for i in decayed], alpha=weight_decay)
+                for i, gradient in zip(decayed, with_decay):
+                    gradients[i] = gradient
+        if momentum:
+            buffers = [self.momentum_buffers[k] for k in active]
+            torch._foreach_copy_(buffers, torch._foreach_add(torch._foreach_mul(buffers, momentum), gradients))
+            gradients = torch._foreach_add(gradients, buffers, alpha=momentum) if nesterov else buffers
+        torch._foreach_copy_(params, torch._foreach_sub(params, torch._foreach_mul(gradients, lr)))
 
     def state_dict(self) -> Dict[str, List[Tensor]]:
         return {"momentum_buffers": list(self.momentum_buffers)}

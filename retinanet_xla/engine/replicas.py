@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from retinanet_xla.engine.preemption import SIGNALS as STOP_SIGNALS
+from retinanet_xla.engine.runtime import prefer_nonblocking_cpu_client
 
 # Host-side barrier for replicas that are threads of one process (set up by ``current_replicas``).
 _THREAD_BARRIERS: Dict[int, threading.Barrier] = {}
@@ -200,6 +201,7 @@ def launch(function: Callable, args: tuple, agreed_errors: tuple = (), num_devic
 
     if num_devices is not None and os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
         os.environ["CPU_NUM_DEVICES"] = str(num_devices)  # the CPU client's device count
+    prefer_nonblocking_cpu_client()  # the replica process creates its client before any Runtime
     outcome: Dict[str, BaseException] = {}
 
     def spawn() -> None:

@@ -4,6 +4,7 @@ eager CPU/CUDA. Everything XLA-specific the loop needs sits behind this one clas
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,18 @@ def launch_order(world: int) -> LaunchOrder:
         return _LAUNCH_ORDERS.setdefault(world, LaunchOrder(world))
 
 
+def prefer_nonblocking_cpu_client() -> None:
+    """Have torch_xla's CPU client launch a step without waiting for it to run. Call before
+    the client exists; a user's own ``PJRT_CPU_ASYNC_CLIENT`` wins.
+
+    With the client's default (``PJRT_CPU_ASYNC_CLIENT=1``), torch-xla 2.9.0's ``sync()``
+    returned only once the step had run (measured: 590 ms of a 600 ms smoke step), so the host
+    traced the next step while the device idled, 12-13% of the wall time. With ``0`` the launch
+    returns at once, and tracing overlaps the running step (docs/performance.md)."""
+    if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
+        os.environ.setdefault("PJRT_CPU_ASYNC_CLIENT", "0")
+
+
 def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
     """``auto``: on TPU, ``$XDG_CACHE_HOME/retinanet-xla/xla/...`` (``~/.cache/...``), one
     directory per torch_xla version; elsewhere none, because torch_xla 2.9's CPU client cannot
@@ -110,6 +123,7 @@ class Runtime:
             import torch_xla
             import torch_xla.runtime as xr
 
+            prefer_nonblocking_cpu_client()
             cache = compile_cache_dir(compile_cache)
             # Compiled executables are written to disk and reused by the next launch of the same
             # graph (a second run, a resume after preemption): no recompilation across runs.
@@ -205,13 +219,10 @@ class Runtime:
         return found
 
     def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]]) -> "TimedBatches":
-        """Batches on the device. On XLA a background thread transfers the next batches while
-        the device runs the current step (torch_xla's MpDeviceLoader)."""
+        """Batches on the device. On XLA a background thread copies the next batches while the
+        device runs the current step (``DeviceFeed``)."""
         if self.is_xla:
-            import torch_xla.distributed.parallel_loader as parallel_loader
-
-            source = _RememberedFailure(batches)
-            return TimedBatches(parallel_loader.MpDeviceLoader(source, self.device), source)
+            return TimedBatches(DeviceFeed(batches, self.device))
         return TimedBatches({k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches)
 
     def device_seconds(self) -> Optional[float]:
@@ -242,33 +253,93 @@ class Runtime:
             profiler.stop_trace()
 
 
-class _RememberedFailure:
-    """Host batches that remember why they ended. torch_xla's loader thread prints the error of
-    the host loader (a dead worker, a user's bad file) and ends the device stream as if the data
-    had run out; the loop must fail with that error instead."""
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
 
-    def __init__(self, batches: Iterable):
-        self._batches = batches
-        self.error: Optional[BaseException] = None
 
-    def __iter__(self):
+_END = object()
+
+
+class DeviceFeed:
+    """Host batches copied to an XLA device by a background thread, up to ``depth`` batches
+    ahead of the loop, so that the copy overlaps the step that runs.
+
+    torch_xla's ``MpDeviceLoader`` does the same, but each of its ``next()`` calls syncs too:
+    with steps launched without waiting (the CPU client, ``prefer_nonblocking_cpu_client``)
+    that sync waits for the step just launched, and the host can no longer trace the next step
+    while the device runs this one. Its thread also swallows the host loader's errors and ends
+    the stream as if the data had run out; here the loop gets the error itself."""
+
+    def __init__(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device, depth: int = 4):
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._ended = self._closed = False
+        self._thread = threading.Thread(target=self._copy, args=(batches, device), name="device-feed", daemon=True)
+        self._thread.start()
+
+    def _copy(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device) -> None:
+        import torch_xla.core.xla_model as xm
+
+        stream = iter(batches)
         try:
-            yield from self._batches
-        except BaseException as error:
-            self.error = error
-            raise
+            for batch in stream:
+                if self._closed:
+                    return
+                self._queue.put(xm.send_cpu_data_to_device(batch, device))
+        except BaseException as error:  # noqa: BLE001 - handed to the loop's thread
+            self._queue.put(_Failure(error))
+        else:
+            self._queue.put(_END)
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()  # a generator's cleanup runs now: a data loader's workers end
+
+    def __iter__(self) -> "DeviceFeed":
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._ended:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END or isinstance(item, _Failure):
+            self._ended = True
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def close(self, timeout: float = 60.0) -> None:
+        """The loop is done with the batches (it may stop early): stop copying, close the host
+        stream, and wait for the thread to end. A copy still inside torch_xla when the
+        interpreter exits can abort the process ("terminate called without an active
+        exception": seen once, in a run stopped by SIGTERM, before this wait)."""
+        self._closed = self._ended = True
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:
+                    self._queue.get_nowait()  # frees a copy blocked on a full queue
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)
+        if self._thread.is_alive():
+            logger.warning("the batch copy thread is still waiting for the host loader after %.0f s", timeout)
 
 
 class TimedBatches:
     """An iterator of batches that counts the seconds the loop waited for the next one. Device
     work is queued asynchronously, so while the loop waits the device finishes what was queued
-    and then idles: the wait is an upper bound on the device's time starved of input.
-    ``source``, when the batches come through a background thread, is re-raised at their end."""
+    and then idles: the wait is an upper bound on the device's time starved of input."""
 
-    def __init__(self, batches: Iterable, source: Optional[_RememberedFailure] = None):
+    def __init__(self, batches: Iterable):
+        self._source = batches
         self._batches = iter(batches)
-        self._source = source
         self.wait_seconds = 0.0
+
+    def close(self) -> None:
+        if isinstance(self._source, DeviceFeed):
+            self._source.close()
 
     def __iter__(self) -> "TimedBatches":
         return self
@@ -277,10 +348,6 @@ class TimedBatches:
         start = time.perf_counter()
         try:
             return next(self._batches)
-        except StopIteration:
-            if self._source is not None and self._source.error is not None:
-                raise self._source.error from None
-            raise
         finally:
             self.wait_seconds += time.perf_counter() - start
 
@@ -290,8 +357,8 @@ class InputWait:
 
     ``input_wait_fraction``: the loop blocked on the next batch. ``device_idle_fraction``: the
     devices executed nothing (for any reason). The device can only have waited for input while
-    both held, so ``device_wait_fraction`` is the smaller: an upper bound. (On the CPU client the
-    first alone overstates: the batch transfer waits for the device lock while a step runs.)"""
+    both held, so ``device_wait_fraction`` is the smaller: an upper bound. (The first alone can
+    overstate: a loop that blocks on its batch while the device still runs queued steps.)"""
 
     def __init__(self, runtime: "Runtime", batches: TimedBatches):
         self.runtime, self.batches = runtime, batches

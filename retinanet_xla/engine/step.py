@@ -66,11 +66,11 @@ class TrainStep:
     @torch.no_grad()
     def _clip_gradients(self) -> Tensor:
         """Global gradient norm, and clipping to ``grad_clip_norm`` when set, on the device
-        (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging)."""
+        (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging). In
+        ``_foreach`` ops, out of place then copied, for the host's tracing time (SGD.step)."""
         grads = [p.grad for p in self.optimizer.params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         if self.grad_clip_norm > 0:
             factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(factor.to(g.dtype))
+            torch._foreach_copy_(grads, torch._foreach_mul(grads, factor.to(grads[0].dtype)))
         return norm

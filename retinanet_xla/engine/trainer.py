@@ -278,6 +278,7 @@ class Trainer:
                         )
             runtime.wait()
         finally:
+            batches.close()
             if profiling:  # stopped or failed inside the window: keep what was traced
                 runtime.stop_profile()
             log.close()
