@@ -5,8 +5,6 @@ The TF reference keeps one with decay 0.9998. The decay warms up as ``min(decay,
 the random initialisation. The step count is a device tensor: no graph change as it grows.
 """
 
-from typing import List
-
 import torch
 from torch import Tensor, nn
 
@@ -17,15 +15,23 @@ class WeightAverage:
             raise ValueError(f"train.ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.model = average.eval().requires_grad_(False)
-        self._sources: List[Tensor] = list(model.state_dict(keep_vars=True).values())
-        self._targets: List[Tensor] = list(average.state_dict(keep_vars=True).values())
+        sources = list(model.state_dict(keep_vars=True).values())
+        targets = list(average.state_dict(keep_vars=True).values())
+        floating = [k for k, target in enumerate(targets) if target.is_floating_point()]
+        others = [k for k, target in enumerate(targets) if not target.is_floating_point()]
+        self._float_pairs = ([targets[k] for k in floating], [sources[k] for k in floating])
+        # Integer buffers (num_batches_tracked) follow the model.
+        self._other_pairs = ([targets[k] for k in others], [sources[k] for k in others])
 
     @torch.no_grad()
     def update(self, steps_done: Tensor) -> None:
+        """In ``_foreach`` ops, out of place then copied: one traced op for all tensors (the
+        host's tracing time; see SGD.step)."""
         n = steps_done.float()
         decay = torch.minimum(torch.full_like(n, self.decay), (1.0 + n) / (10.0 + n))
-        for target, source in zip(self._targets, self._sources):
-            if target.is_floating_point():
-                target.copy_(target * decay + source.detach() * (1.0 - decay))
-            else:
-                target.copy_(source)  # integer buffers (num_batches_tracked) follow the model
+        targets, sources = self._float_pairs
+        if targets:
+            torch._foreach_copy_(targets, torch._foreach_add(torch._foreach_mul(targets, decay), torch._foreach_mul(sources, 1.0 - decay)))
+        targets, sources = self._other_pairs
+        if targets:
+            torch._foreach_copy_(targets, sources)
