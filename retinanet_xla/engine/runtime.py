@@ -301,11 +301,11 @@ class DeviceFeed:
         if self._ended:
             raise StopIteration
         item = self._queue.get()
-        if item is _END or isinstance(item, _Failure):
-            self._ended = True
         if item is _END:
+            self._ended = True
             raise StopIteration
         if isinstance(item, _Failure):
+            self._ended = True
             raise item.error
         return item
 
