@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from retinanet_xla.data.dataset import PADDING_INDEX, DetectionDataset, collate
+from retinanet_xla.engine.preemption import SIGNALS as STOP_SIGNALS
 
 
 def _check_shard(num_replicas: int, rank: int, batch_size: int) -> None:
@@ -76,9 +77,6 @@ class EvalSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         return ((int(index), 0) for index in self.keys)
-
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _receive_stop_signals_from_the_parent_only(worker_id: int) -> None:
