@@ -1,0 +1,81 @@
+"""Convolutions on small feature maps as one matrix product, on XLA:CPU.
+
+XLA:CPU runs a convolution with its weights in HWIO order, while PyTorch keeps them in OIHW. So
+every step, each weight is transposed for the forward convolution and again for the backward
+one, and its gradient is transposed back, by loop fusions that read with a stride of I*H*W
+floats. For ResNet's last stage these relayouts cost more than the convolutions: its 3x3
+512-to-512 weights have 2.4 million elements, while at 128x128 input its feature maps have 16
+pixels per image. A profile of the smoke step put 16% of the execution threads' time into
+weight relayouts, two thirds of it for those weights.
+
+Where the output has fewer pixels (over the batch) than channels, the im2col matrix is smaller
+than the weight, and the convolution is computed here as ``weight[O, I*kh*kw] @ columns[I*kh*kw,
+N*Ho*Wo]``. The weight is used as it is stored, its gradient comes out in the same order, and
+only the small im2col matrix moves. The result is the convolution's to rounding.
+
+Only on XLA's CPU backend: eager PyTorch (oneDNN) and TPU convolutions have no such cost, and
+exports, which run on the host, see ordinary convolutions.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` for groups 1 and dilation 1, as one
+    matrix product over the im2col matrix."""
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    (stride_h, stride_w), (pad_h, pad_w) = stride, padding
+    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+    taps = [
+        padded[:, :, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
+        for i in range(kernel_h)
+        for j in range(kernel_w)
+    ]
+    # [N, I, kh*kw, Ho*Wo] -> [I*kh*kw, N*Ho*Wo]: rows in the order of the weight's I, kh, kw.
+    columns = torch.stack(taps, 2).reshape(batch, -1, out_h * out_w).transpose(0, 1).reshape(-1, batch * out_h * out_w)
+    out = torch.mm(weight.reshape(out_channels, -1), columns)
+    out = out.reshape(out_channels, batch, out_h, out_w).transpose(0, 1)
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_backend() -> str:
+    import torch_xla.runtime as xr
+
+    return xr.device_type()
+
+
+class XlaCpuConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, on XLA:CPU, computes small-output convolutions as a matrix product.
+    Same parameters and state dict."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
+        if x.device.type == "xla" and _xla_backend() == "CPU":
+            out_h = (x.shape[-2] + 2 * self.padding[0] - weight.shape[2]) // self.stride[0] + 1
+            out_w = (x.shape[-1] + 2 * self.padding[1] - weight.shape[3]) // self.stride[1] + 1
+            if x.shape[0] * out_h * out_w < weight.shape[0]:
+                return convolution_as_matmul(x, weight, bias, self.stride, self.padding)
+        return super()._conv_forward(x, weight, bias)
+
+
+def use_xla_cpu_convolutions(model: nn.Module) -> None:
+    """Make every plain ``nn.Conv2d`` of ``model`` an ``XlaCpuConv2d`` (in place: parameters,
+    names and hooks stay). Grouped, dilated and non-zero-padded ones stay as they are."""
+    for module in model.modules():
+        if (
+            type(module) is nn.Conv2d
+            and module.groups == 1
+            and module.dilation == (1, 1)
+            and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple)
+        ):
+            module.__class__ = XlaCpuConv2d
