@@ -17,11 +17,11 @@ Only on XLA's CPU backend: eager PyTorch (oneDNN) and TPU convolutions have no s
 exports, which run on the host, see ordinary convolutions.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from retinanet_xla.models.backend import on_xla_cpu
 
 
 def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
@@ -47,19 +47,12 @@ def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> T
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _xla_backend() -> str:
-    import torch_xla.runtime as xr
-
-    return xr.device_type()
-
-
 class XlaCpuConv2d(nn.Conv2d):
     """``nn.Conv2d`` that, on XLA:CPU, computes small-output convolutions as a matrix product.
     Same parameters and state dict."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
-        if x.device.type == "xla" and _xla_backend() == "CPU":
+        if on_xla_cpu(x):
             out_h = (x.shape[-2] + 2 * self.padding[0] - weight.shape[2]) // self.stride[0] + 1
             out_w = (x.shape[-1] + 2 * self.padding[1] - weight.shape[3]) // self.stride[1] + 1
             if x.shape[0] * out_h * out_w < weight.shape[0]:

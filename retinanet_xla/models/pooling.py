@@ -10,8 +10,8 @@ The result is ``max_pool2d``'s exactly, and so is the gradient's routing: PyTorc
 window's gradient to the first maximum in row-major order; the width pass keeps the first
 maximum of each row and the height pass the first row holding the window's maximum, which is
 the same element. Only the order in which overlapping windows' gradients are summed can differ
-(last bits). Off XLA the module is plain ``F.max_pool2d``: oneDNN's kernel is faster eagerly,
-and export sees an ordinary MaxPool.
+(last bits). Only on XLA:CPU: elsewhere the module is plain ``F.max_pool2d`` (oneDNN's kernel
+is faster eagerly, TPUs have a native select-and-scatter, and export sees an ordinary MaxPool).
 """
 
 from typing import Tuple
@@ -19,6 +19,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from retinanet_xla.models.backend import on_xla_cpu
 
 
 def _taps(x: Tensor, dim: int, outputs: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -75,10 +77,11 @@ def separable_max_pool_3x3_stride_2(x: Tensor) -> Tensor:
 
 
 class StemMaxPool(nn.Module):
-    """Drop-in for ResNet's ``nn.MaxPool2d(3, 2, 1)``: separable on XLA, native elsewhere."""
+    """Drop-in for ResNet's ``nn.MaxPool2d(3, 2, 1)``: separable on XLA:CPU, native elsewhere
+    (TPUs have a native select-and-scatter)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "xla":
+        if on_xla_cpu(x):
             return separable_max_pool_3x3_stride_2(x)
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
