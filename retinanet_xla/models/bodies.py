@@ -49,7 +49,7 @@ class ClassifierBody(nn.Module):
         network = convert_batch_norm(getattr(models, name)(weights=None), norm)
         for child in trunk:
             module = getattr(network, child)
-            # ResNet's stem pool; its gradient is the slowest op of the step on XLA (pooling.py).
+            # ResNet's stem pool; its gradient was the slowest op of the step on XLA:CPU (pooling.py).
             self.add_module(child, StemMaxPool() if is_stem_max_pool(module) else module)
         # Blocks in order, as paths below this module: the unit of stride probing and freezing.
         self.block_paths: List[str] = []

@@ -1,4 +1,4 @@
-"""ResNet's stem max pool (3x3 window, stride 2, padding 1) in a form XLA runs fast.
+"""ResNet's stem max pool (3x3 window, stride 2, padding 1) in a form XLA:CPU runs fast.
 
 XLA lowers the gradient of ``max_pool2d`` to ``select-and-scatter``, which XLA:CPU runs as a
 scalar loop: measured on the smoke model's stem (8x64x64x64), forward and backward took 51 ms on
