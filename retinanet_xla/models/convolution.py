@@ -24,14 +24,17 @@ from torch import Tensor, nn
 from retinanet_xla.models.backend import on_xla_cpu
 
 
+def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` for groups 1 and dilation 1, as one
     matrix product over the im2col matrix."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
     (stride_h, stride_w), (pad_h, pad_w) = stride, padding
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+    out_h, out_w = _output_size(height, kernel_h, stride_h, pad_h), _output_size(width, kernel_w, stride_w, pad_w)
     padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
     taps = [
         padded[:, :, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
@@ -53,8 +56,8 @@ class XlaCpuConv2d(nn.Conv2d):
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
         if on_xla_cpu(x):
-            out_h = (x.shape[-2] + 2 * self.padding[0] - weight.shape[2]) // self.stride[0] + 1
-            out_w = (x.shape[-1] + 2 * self.padding[1] - weight.shape[3]) // self.stride[1] + 1
+            out_h = _output_size(x.shape[-2], weight.shape[2], self.stride[0], self.padding[0])
+            out_w = _output_size(x.shape[-1], weight.shape[3], self.stride[1], self.padding[1])
             if x.shape[0] * out_h * out_w < weight.shape[0]:
                 return convolution_as_matmul(x, weight, bias, self.stride, self.padding)
         return super()._conv_forward(x, weight, bias)
