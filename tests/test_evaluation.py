@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 
 from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
@@ -10,7 +10,7 @@ from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
 from retinanet_xla.evaluation.evaluator import ShardDetections
 from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, select_candidates
+from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, per_class_nms, select_candidates
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +147,23 @@ def test_gathered_shards_come_back_in_split_order(synthetic):
     assert [d["image_id"] for d in found] == expected
     assert [d["score"] for d in found[:3]] == [0.9, 0.7, 0.5]  # within an image, the order kept
     assert [d["bbox"][1] for d in found[6:8]] == [0.0, 1.0]  # image 2's boxes, in order
+
+
+def test_per_class_nms_equals_nms_class_by_class_on_the_reference_candidate_count():
+    """5,000 candidates over 91 classes: where torchvision's batched_nms switches to its
+    per-class loop (not traceable by torch.export); the result must be that loop's."""
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(5000, 2, generator=generator) * 600
+    boxes = torch.cat([xy, xy + 4 + torch.rand(5000, 2, generator=generator) * 60], dim=1)
+    scores = torch.rand(5000, generator=generator)
+    labels = torch.randint(0, 91, (5000,), generator=generator)
+    expected = []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        expected.append(members[nms(boxes[members], scores[members], 0.5)])
+    expected = torch.cat(expected)
+    expected = expected[scores[expected].argsort(descending=True)]
+    kept = per_class_nms(boxes, scores, labels, 0.5)
+    assert 1000 < len(kept) < 5000  # some suppressed, most kept
+    assert torch.equal(kept, expected)
+    assert per_class_nms(boxes[:0], scores[:0], labels[:0], 0.5).shape == (0,)

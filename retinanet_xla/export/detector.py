@@ -10,11 +10,9 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
-
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, select_candidates
+from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, per_class_nms, select_candidates
 
 
 class CandidateDetector(nn.Module):
@@ -58,7 +56,7 @@ def fixed_size_detections(found: Candidates, config: PostprocessConfig, num_clas
     only suppress others under it, and boxes without area overlap nothing."""
     boxes, scores, labels = found
     valid = (scores >= config.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    keep = batched_nms(boxes, scores, labels, config.nms_iou)
+    keep = per_class_nms(boxes, scores, labels, config.nms_iou)
     kept = torch.zeros_like(valid).scatter(0, keep, torch.ones_like(keep, dtype=torch.bool)) & valid
     # Rank of each kept candidate within its class, in score order.
     same_class = nn.functional.one_hot(labels, num_classes) * kept[:, None].long()

@@ -38,6 +38,13 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.average_across_replicas is _identity:
             return super().forward(x)
+        # In float32 whatever autocast gave us, as torch's own batch_norm under autocast: the
+        # moments of bfloat16 activations lose 3 decimal digits, E[x^2] - E[x]^2 then cancels
+        # them away, and the running buffers must stay float32 for eval and checkpoints.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._normalize_over_replicas(x.float())
+
+    def _normalize_over_replicas(self, x: Tensor) -> Tensor:
         moments = torch.stack([x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))])
         mean, mean_of_squares = self.average_across_replicas(moments)
         var = (mean_of_squares - mean * mean).clamp(min=0)

@@ -12,7 +12,7 @@ from typing import List, NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from retinanet_xla.ops.box_coder import BoxCoder
 
@@ -53,6 +53,19 @@ def select_candidates(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tens
     return Candidates(boxes, scores, labels)
 
 
+def per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """Indices kept by NMS within each class, by decreasing score. Each class's boxes are moved
+    apart by more than the largest coordinate, so one ``nms`` call never lets two classes
+    overlap. torchvision's ``batched_nms`` does the same for small inputs, but above 4,000 box
+    coordinates on the CPU it loops over ``torch.unique(labels)``, which ``torch.export``
+    cannot trace (the reference config's 5,000 candidates); one rule everywhere keeps the
+    exported detector and evaluation identical."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = labels.to(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
 def filter_detections(candidates: Candidates, config: PostprocessConfig) -> List[Detections]:
     """Host half: per image, threshold, per-class NMS and the per-class and per-image caps."""
     results = []
@@ -61,7 +74,7 @@ def filter_detections(candidates: Candidates, config: PostprocessConfig) -> List
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         wide = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, scores, labels = boxes[wide], scores[wide], labels[wide]
-        keep = batched_nms(boxes, scores, labels, config.nms_iou)  # sorted by score
+        keep = per_class_nms(boxes, scores, labels, config.nms_iou)  # sorted by score
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         # Rank of each detection within its class (inputs are sorted by score).
         same_class_before = (labels[:, None] == labels[None, :]).tril(-1).sum(dim=1)
