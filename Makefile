@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-backbones clean
+.PHONY: install lint test test-fast demo bench bench-backbones clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Everything, including the end-to-end tests on the CPU XLA device.
-test: $(STAMP)
+# Everything: lint, format and the layer contract (seconds), then the tests, including the
+# end-to-end ones on the CPU XLA device.
+test: lint
 	PJRT_DEVICE=CPU $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Eager unit tests only (seconds): the math, without XLA compilation.
 test-fast: $(STAMP)

@@ -73,10 +73,10 @@ def train(
         summary = run_training(settings, output_dir, resume)
     except TrainingInterrupted as stop:
         typer.echo(str(stop), err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except TrainingDiverged as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(json.dumps(summary, indent=2))
 
 

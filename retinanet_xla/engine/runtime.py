@@ -272,7 +272,7 @@ class DeviceFeed:
     the stream as if the data had run out; here the loop gets the error itself."""
 
     def __init__(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device, depth: int = 4):
-        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._ended = self._closed = False
         self._thread = threading.Thread(target=self._copy, args=(batches, device), name="device-feed", daemon=True)
         self._thread.start()

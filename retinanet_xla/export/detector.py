@@ -10,6 +10,7 @@ from typing import Tuple
 
 import torch
 from torch import Tensor, nn
+
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, per_class_nms, select_candidates
@@ -44,7 +45,7 @@ class Detector(nn.Module):
 
     def forward(self, images: Tensor, content_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         boxes, scores, labels = self.candidates(images, content_sizes)
-        results = [fixed_size_detections(Candidates(b, s, l), self.postprocess, self.num_classes) for b, s, l in zip(boxes, scores, labels)]
+        results = [fixed_size_detections(Candidates(*found), self.postprocess, self.num_classes) for found in zip(boxes, scores, labels)]
         return tuple(torch.stack(parts) for parts in zip(*results))
 
 

@@ -163,7 +163,7 @@ def compare_with_package(loaded: LoadedModel, exported: Exported, images: Tensor
         outputs = run_exported(exported, images, content_sizes)
     if exported.with_nms:
         boxes, scores, labels, count = outputs
-        found = [Detections(b[:n], s[:n], l[:n]) for b, s, l, n in zip(boxes, scores, labels, count.tolist())]
+        found = [Detections(b[:n], s[:n], k[:n]) for b, s, k, n in zip(boxes, scores, labels, count.tolist())]
     else:
         found = filter_detections(Candidates(*outputs), loaded.config.eval)
     report = {"images": len(expected), "count_mismatches": 0, "label_mismatches": 0, "max_box_relative_difference": 0.0, "max_score_difference": 0.0}

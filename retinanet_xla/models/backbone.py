@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from retinanet_xla.models.bodies import ClassifierBody
 
+
 def upsample_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest-neighbour upsampling to ``size``, equal to ``F.interpolate(mode="nearest")``.
 

@@ -5,7 +5,7 @@ import functools
 from torch import Tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xla_device_type() -> str:
     import torch_xla.runtime as xr
 
