@@ -66,7 +66,9 @@ def main() -> None:
         row.update({f"xla_{k}": v for k, v in xla_step(name, args.steps).items()})
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("| Backbone | Body params (M) | RetinaNet params (M) | GFLOPs at 640 | Eager CPU step (ms) | CPU XLA step (ms) | XLA first step (s) |")
+    print(
+        "| Backbone | Body params (M) | RetinaNet params (M) | GFLOPs at 640 | Eager CPU step (ms) | CPU XLA step (ms) | XLA first step (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -31,7 +31,9 @@ def torchvision_model(config):
     body = getattr(resnet, config.model.backbone.name)(weights=None)
     channels = config.model.fpn_channels
     in_channels = ClassifierBody(config.model.backbone.name).out_channels
-    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels, LastLevelP6P7(channels, channels))
+    backbone = BackboneWithFPN(
+        body, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, channels, LastLevelP6P7(channels, channels)
+    )
     size = max(config.data.image_size)
     return TorchvisionRetinaNet(backbone, config.model.num_classes, min_size=size, max_size=size)
 
@@ -75,7 +77,9 @@ def main():
     parser.add_argument("--ours-steps", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    config = load_config(args.config, [f"model.head.convs={TORCHVISION_HEAD_CONVS}", "runtime.device=xla", "train.precision=fp32"])
+    config = load_config(
+        args.config, [f"model.head.convs={TORCHVISION_HEAD_CONVS}", "runtime.device=xla", "train.precision=fp32"]
+    )
 
     ours = benchmark(config, args.ours_steps)
     ours_wall = ours["first_step_seconds"] + ours["step_seconds"] * (args.ours_steps - 1)

@@ -50,13 +50,14 @@ def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
     return [*overrides, f"runtime.num_devices={devices}"] if devices is not None else list(overrides)
 
 
-
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."
+    ),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
     """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory.
@@ -88,7 +89,9 @@ def bench(
     json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
     input_pipeline: bool = typer.Option(
-        False, "--input-pipeline", help="Feed the steps through the data pipeline (the config's train split, or synthetic images) and report how long the device waited for input."
+        False,
+        "--input-pipeline",
+        help="Feed the steps through the data pipeline (the config's train split, or synthetic images) and report how long the device waited for input.",
     ),
 ) -> None:
     """Time the training step on synthetic batches (no dataset), on every local XLA device as train
@@ -112,10 +115,14 @@ def bench(
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train, or a run directory (its newest checkpoint)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."
+    ),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."
+    ),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
     """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json."""
@@ -141,7 +148,9 @@ def predict(
     checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
     inputs: List[Path] = typer.Argument(..., help="Images, or directories of JPEG/PNG images."),
     output: Path = typer.Option(..., "--output", help="Directory for the drawn PNGs and detections.json."),
-    score_threshold: float = typer.Option(0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."),
+    score_threshold: float = typer.Option(
+        0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."
+    ),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Draw detections on images (PNG) and write them all to one JSON file."""
@@ -160,11 +169,17 @@ def predict(
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | exported-program | stablehlo"),
-    output: Optional[Path] = typer.Option(None, "--output", help="Directory for the artefact and its JSON (default: RUN/export/STEP)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", help="Directory for the artefact and its JSON (default: RUN/export/STEP)."
+    ),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="The fixed batch size of the exported graph."),
     float_input: bool = typer.Option(False, "--float-input", help="Take normalised float32 images instead of uint8 pixels."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    check: bool = typer.Option(False, "--check", help="Run the artefact on validation images and compare with the in-package model (exit 1 if they differ)."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Run the artefact on validation images and compare with the in-package model (exit 1 if they differ).",
+    ),
 ) -> None:
     """Write the detector for serving: fixed-size outputs with NMS in the graph (StableHLO: the
     fixed-size candidates), and a JSON with the input size, normalisation and categories."""
@@ -172,7 +187,10 @@ def export_command(
     from retinanet_xla.export.run import export_checkpoint
 
     exported, report = export_checkpoint(checkpoint, fmt, output, batch_size, not float_input, overrides, check)
-    typer.echo(f"wrote {exported.path} and {exported.metadata}" + ("" if exported.with_nms else " (candidates only: NMS is left to the caller)"))
+    typer.echo(
+        f"wrote {exported.path} and {exported.metadata}"
+        + ("" if exported.with_nms else " (candidates only: NMS is left to the caller)")
+    )
     if report is not None:
         typer.echo(
             f"check on {report['images']} validation image(s): {report['count_mismatches']} count and {report['label_mismatches']} label mismatches, "

@@ -353,7 +353,9 @@ def _check_values(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.schedule.decay_steps must be increasing, got {config.train.schedule.decay_steps}")
 
 
-def load_config(path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults") -> Config:
+def load_config(
+    path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults"
+) -> Config:
     """The defaults, then the file (with its ``extends`` chain) or a stored ``base`` mapping
     (a checkpoint's config), then each ``--set`` override."""
     data: Dict[str, Any] = dict(base or {})

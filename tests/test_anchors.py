@@ -15,10 +15,14 @@ def test_corner_offset_with_rounding_matches_hand_computed_values():
     # Aspect ratio is height / width: ratio 2 is w = 32 / sqrt(2) = 22.6, h = 45.3, halves rounded.
     expected = torch.tensor(
         [
-            [-16, -16, 16, 16], [-11, -23, 11, 23],  # cell (y=0, x=0)
-            [-8, -16, 24, 16], [-3, -23, 19, 23],  # cell (y=0, x=1): shifted by stride 8 in x
-            [-16, -8, 16, 24], [-11, -15, 11, 31],  # cell (y=1, x=0)
-            [-8, -8, 24, 24], [-3, -15, 19, 31],  # cell (y=1, x=1)
+            [-16, -16, 16, 16],
+            [-11, -23, 11, 23],  # cell (y=0, x=0)
+            [-8, -16, 24, 16],
+            [-3, -23, 19, 23],  # cell (y=0, x=1): shifted by stride 8 in x
+            [-16, -8, 16, 24],
+            [-11, -15, 11, 31],  # cell (y=1, x=0)
+            [-8, -8, 24, 24],
+            [-3, -15, 19, 31],  # cell (y=1, x=1)
         ],
         dtype=torch.float32,
     )

@@ -58,7 +58,11 @@ CASES = [
     ("", ["data.augmentation.scale_min=3"], "data.augmentation: scale jitter needs 0 < scale_min <= scale_max, got [3.0, 2.0]"),
     ("train: [1, 2\n", [], "not valid YAML at line 2"),
     ("extends: missing.yaml\n", [], "config file does not exist"),
-    ("", ["runtime.profile_steps=[3,2]"], "runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got [3, 2]"),
+    (
+        "",
+        ["runtime.profile_steps=[3,2]"],
+        "runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got [3, 2]",
+    ),
 ]
 
 
@@ -85,7 +89,9 @@ def test_set_without_equals(tmp_path, capsys, monkeypatch):
 
 
 def test_batch_not_divisible_by_replicas(tmp_path, capsys, monkeypatch):
-    result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.batch_size=3", "--set", "runtime.num_devices=2")
+    result = run_cli(
+        capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.batch_size=3", "--set", "runtime.num_devices=2"
+    )
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: train.batch_size 3 is not divisible by the 2 replicas"
     # bench checks the same before starting anything; --devices is runtime.num_devices.
@@ -96,11 +102,25 @@ def test_batch_not_divisible_by_replicas(tmp_path, capsys, monkeypatch):
 
 def test_missing_dataset_and_too_few_classes(tmp_path, capsys, monkeypatch):
     config = write(tmp_path, f"train: {{output_dir: {tmp_path / 'out'}}}\n")
-    missing = run_cli(capsys, monkeypatch, "train", config, "--set", f"data.train.annotations={tmp_path / 'a.json'}", "--set", f"data.train.images={tmp_path}")
+    missing = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        config,
+        "--set",
+        f"data.train.annotations={tmp_path / 'a.json'}",
+        "--set",
+        f"data.train.images={tmp_path}",
+    )
     assert missing.exit_code == 2 and missing.stderr.strip() == f"error: {tmp_path / 'a.json'}: annotation file does not exist"
-    few = run_cli(capsys, monkeypatch, "train", CONFIGS / "smoke.yaml", "--set", "model.num_classes=2", "--output", tmp_path / "few")
+    few = run_cli(
+        capsys, monkeypatch, "train", CONFIGS / "smoke.yaml", "--set", "model.num_classes=2", "--output", tmp_path / "few"
+    )
     assert few.exit_code == 2
-    assert few.stderr.strip().startswith("error: model.num_classes is 2 but") and "needs 4 with data.label_mapping contiguous" in few.stderr
+    assert (
+        few.stderr.strip().startswith("error: model.num_classes is 2 but")
+        and "needs 4 with data.label_mapping contiguous" in few.stderr
+    )
 
 
 def test_extends_cycle_is_reported(tmp_path):

@@ -65,9 +65,17 @@ def test_postprocess_equals_torchvision_reference(seed):
     cls_logits = torch.randn(2, num_anchors, num_classes, generator=generator) * 2 - 2
     bbox_regression = torch.randn(2, num_anchors, 4, generator=generator) * 0.5
     weights = (10.0, 10.0, 5.0, 5.0)
-    config = PostprocessConfig(pre_nms_top_k=num_anchors * num_classes, score_threshold=0.05, nms_iou=0.5, max_detections_per_class=1000, max_detections=50)
+    config = PostprocessConfig(
+        pre_nms_top_k=num_anchors * num_classes,
+        score_threshold=0.05,
+        nms_iou=0.5,
+        max_detections_per_class=1000,
+        max_detections=50,
+    )
     content = torch.tensor([[100, 100], [100, 100]])
-    ours = filter_detections(select_candidates(cls_logits, bbox_regression, anchors, BoxCoder(weights), config.pre_nms_top_k, content), config)
+    ours = filter_detections(
+        select_candidates(cls_logits, bbox_regression, anchors, BoxCoder(weights), config.pre_nms_top_k, content), config
+    )
     expected = reference_postprocess(cls_logits, bbox_regression, anchors, weights, (100, 100), config)
     for a, b in zip(ours, expected):
         assert len(a.boxes) == len(b.boxes) > 0
@@ -115,7 +123,6 @@ def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
     (detection,) = evaluator._to_coco(shard.rows)
     assert detection["image_id"] == record.image_id and detection["category_id"] == 4  # label 3 -> id 4
     np.testing.assert_allclose(detection["bbox"], [10, 20, 40, 40], atol=0.02)
-
 
 
 def test_gathered_shards_come_back_in_split_order(synthetic):

@@ -29,7 +29,9 @@ def random_candidates(seed: int, count: int = 300, num_classes: int = 4) -> Cand
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("threshold,per_class,total", [(0.3, 3, 10), (0.05, 100, 50), (0.99, 100, 100)])
 def test_in_graph_post_processing_equals_the_host_path(seed, threshold, per_class, total):
-    config = PostprocessConfig(pre_nms_top_k=300, score_threshold=threshold, nms_iou=0.5, max_detections_per_class=per_class, max_detections=total)
+    config = PostprocessConfig(
+        pre_nms_top_k=300, score_threshold=threshold, nms_iou=0.5, max_detections_per_class=per_class, max_detections=total
+    )
     found = random_candidates(seed)
     (expected,) = filter_detections(Candidates(*(t[None] for t in found)), config)
     boxes, scores, labels, count = fixed_size_detections(found, config, num_classes=4)
@@ -74,16 +76,27 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_matches_the_package_through_the_cli(fmt, checkpoint, tmp_path, capsys, monkeypatch):
-    result = run_cli(capsys, monkeypatch, "export", checkpoint, "--format", fmt, "--output", tmp_path, "--batch-size", "2", "--check")
+    result = run_cli(
+        capsys, monkeypatch, "export", checkpoint, "--format", fmt, "--output", tmp_path, "--batch-size", "2", "--check"
+    )
     assert result.exit_code == 0, result.stdout + result.stderr[-3000:]
     assert "check on 2 validation image(s): 0 count and 0 label mismatches" in result.stdout
-    name = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2", "stablehlo": "stablehlo"}[fmt]
+    name = {
+        "onnx": "model.onnx",
+        "torchscript": "model.torchscript.pt",
+        "exported-program": "model.pt2",
+        "stablehlo": "stablehlo",
+    }[fmt]
     metadata = json.loads((tmp_path / f"{name}.json").read_text())
     assert metadata["inputs"]["images"] == {**metadata["inputs"]["images"], "shape": [2, 3, 64, 64], "dtype": "uint8"}
     assert [c["name"] for c in metadata["categories"]] == ["rectangle", "ellipse", "triangle", "cross"]
     assert metadata["post_processing"]["in_graph"] == (fmt != "stablehlo")
     with_nms = fmt != "stablehlo"
-    outputs = run_exported(Exported(fmt, tmp_path / name, tmp_path / f"{name}.json", with_nms), torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.tensor([[64, 64], [32, 64]]))
+    outputs = run_exported(
+        Exported(fmt, tmp_path / name, tmp_path / f"{name}.json", with_nms),
+        torch.zeros(2, 3, 64, 64, dtype=torch.uint8),
+        torch.tensor([[64, 64], [32, 64]]),
+    )
     if with_nms:
         boxes, scores, labels, count = outputs
         assert boxes.shape == (2, 30, 4) and scores.shape == labels.shape == (2, 30) and count.shape == (2,)

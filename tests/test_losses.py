@@ -42,7 +42,9 @@ def test_loss_equals_hand_computation():
     # Anchor 0 is foreground (class 1, exact box), 2 ignored (IoU 0.45), 1 and 3 background.
     outputs = outputs_for(1)
     boxes, labels, crowd = targets([[([0, 0, 10, 10], 1)]])
-    loss = DetectionLoss(NUM_CLASSES, matcher=AnchorMatcher(0.5, 0.4), box_loss="smooth_l1", box_loss_beta=0.1, box_loss_weight=2.0)
+    loss = DetectionLoss(
+        NUM_CLASSES, matcher=AnchorMatcher(0.5, 0.4), box_loss="smooth_l1", box_loss_beta=0.1, box_loss_weight=2.0
+    )
     result = loss(outputs, ANCHORS, boxes, labels, crowd)
 
     cls_targets = torch.zeros(len(ANCHORS), NUM_CLASSES)
@@ -63,7 +65,9 @@ def test_ignored_anchors_contribute_nothing():
     changed = {k: v.clone() for k, v in outputs.items()}
     changed["cls_logits"][0, 2] = 50.0  # anchor 2 is ignored
     changed["bbox_regression"][0, 2] = 50.0
-    torch.testing.assert_close(loss(outputs, ANCHORS, boxes, labels, crowd)["loss"], loss(changed, ANCHORS, boxes, labels, crowd)["loss"])
+    torch.testing.assert_close(
+        loss(outputs, ANCHORS, boxes, labels, crowd)["loss"], loss(changed, ANCHORS, boxes, labels, crowd)["loss"]
+    )
 
 
 def test_empty_images_give_zero_box_loss_and_finite_class_loss():
@@ -86,7 +90,9 @@ def test_normaliser_is_the_global_number_of_positives():
     expected_box = (outputs["bbox_regression"][0, :2].abs().sum() + outputs["bbox_regression"][1, 3].abs().sum()) / 3
     torch.testing.assert_close(result["box_loss"], expected_box)
     # With a replica average that reports twice the positives, the loss halves.
-    doubled = DetectionLoss(NUM_CLASSES, box_loss="l1", average_across_replicas=lambda t: t * 2)(outputs, ANCHORS, boxes, labels, crowd)
+    doubled = DetectionLoss(NUM_CLASSES, box_loss="l1", average_across_replicas=lambda t: t * 2)(
+        outputs, ANCHORS, boxes, labels, crowd
+    )
     torch.testing.assert_close(doubled["box_loss"], expected_box / 2)
 
 

@@ -142,7 +142,9 @@ def test_bf16_autocast_keeps_statistics_float32_and_outputs_close(norm, head_nor
     """Under bf16 autocast every normalisation computes its statistics in float32 and keeps its
     buffers float32; the outputs stay within bfloat16's rounding of the float32 forward."""
     torch.manual_seed(0)
-    model = RetinaNet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, head_norm=head_norm, backbone_norm=norm, freeze_at=0).train()
+    model = RetinaNet(
+        num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, head_norm=head_norm, backbone_norm=norm, freeze_at=0
+    ).train()
     if norm == "cross_replica_bn":
         set_replica_averaging(model, lambda moments: moments * 1.0, 1)  # the replica path, one replica
     images = model.normalize(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))

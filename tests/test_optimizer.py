@@ -42,7 +42,9 @@ def test_norm_and_bias_exclusion():
 
 
 def test_step_schedule_with_warmup():
-    schedule = LearningRateSchedule(ScheduleConfig(base_lr=0.08, warmup_steps=500, warmup_start_lr=0.0067, kind="step", decay_steps=[1000, 2000]), 3000)
+    schedule = LearningRateSchedule(
+        ScheduleConfig(base_lr=0.08, warmup_steps=500, warmup_start_lr=0.0067, kind="step", decay_steps=[1000, 2000]), 3000
+    )
     steps = torch.tensor([0, 250, 500, 999, 1000, 1999, 2000, 2999])
     expected = [0.0067, 0.0067 + (0.08 - 0.0067) / 2, 0.08, 0.08, 0.008, 0.008, 0.0008, 0.0008]
     torch.testing.assert_close(schedule(steps), torch.tensor(expected), rtol=1e-5, atol=1e-8)

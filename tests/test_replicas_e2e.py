@@ -49,7 +49,9 @@ class TwoDeviceRun:
     def __init__(self, command, workdir: Path):
         self.command, self.out, self.err = command, workdir / "stdout.txt", workdir / "stderr.txt"
         with self.out.open("w") as stdout, self.err.open("w") as stderr:
-            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=TWO_DEVICES, cwd=ROOT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=stdout, stderr=stderr, env=TWO_DEVICES, cwd=ROOT, start_new_session=True
+            )
 
     def finish(self, timeout: int) -> subprocess.CompletedProcess:
         try:
@@ -148,9 +150,16 @@ def test_a_bf16_step_stays_close_to_the_fp32_step(two_replicas, tmp_path):
     output, result = two_replicas
     assert result.returncode == 0, result.stderr[-4000:]
     bf16 = tmp_path / "bf16"
-    run = run_on_two_devices(train_command(bf16, *SETTINGS, "train.steps=1", "train.eval_every=0", "train.precision=bf16", "runtime.num_devices=null"), tmp_path, timeout=900)
+    run = run_on_two_devices(
+        train_command(bf16, *SETTINGS, "train.steps=1", "train.eval_every=0", "train.precision=bf16", "runtime.num_devices=null"),
+        tmp_path,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
-    first = {name: json.loads((path / "metrics.jsonl").read_text().splitlines()[0]) for name, path in (("fp32", output), ("bf16", bf16))}
+    first = {
+        name: json.loads((path / "metrics.jsonl").read_text().splitlines()[0])
+        for name, path in (("fp32", output), ("bf16", bf16))
+    }
     # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%) in every convolution
     # of ResNet-18, FPN and head; the loss sums every anchor in float32, so the roundings
     # cancel: measured 2.3e-5 (loss), 4.6e-5 (cls), 1.8e-5 (box) apart. A loss summed in
@@ -194,7 +203,9 @@ def test_eval_on_two_replicas_gives_the_detections_of_one_device(two_replicas, t
     assert metrics["two"]["AP"] == metrics["one"]["AP"] and metrics["two"]["summary"] == metrics["one"]["summary"]
     assert two.stdout.count(" Average Precision") == 6 and "AP per category" in two.stdout
     # Evaluation during training took the same path, with the default score threshold.
-    default_threshold = run_cli(capsys, monkeypatch, "eval", str(checkpoint), "--output", str(tmp_path / "default"), "--set", "runtime.num_devices=1")
+    default_threshold = run_cli(
+        capsys, monkeypatch, "eval", str(checkpoint), "--output", str(tmp_path / "default"), "--set", "runtime.num_devices=1"
+    )
     assert default_threshold.exit_code == 0, default_threshold.stderr[-3000:]
     logged = train_time_eval(output)
     assert logged["AP"] == json.loads((tmp_path / "default" / "metrics.json").read_text())["AP"]
@@ -230,7 +241,9 @@ def test_a_failing_replica_ends_the_run_quickly_with_its_message(tmp_path):
 
 
 def test_a_global_batch_that_does_not_split_over_the_replicas_is_refused(tmp_path):
-    result = run_on_two_devices(train_command(tmp_path / "run", "train.batch_size=3", "runtime.num_devices=null"), tmp_path, timeout=300)
+    result = run_on_two_devices(
+        train_command(tmp_path / "run", "train.batch_size=3", "runtime.num_devices=null"), tmp_path, timeout=300
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: train.batch_size 3 is not divisible by the 2 replicas"
 
@@ -242,7 +255,9 @@ def stop_two_replicas_with_sigterm(workdir: Path) -> tuple:
     output = workdir / "run"
     # Stops are agreed at log steps: the replicas keep training for up to 10 steps after the
     # signal, and their loader workers keep producing batches meanwhile.
-    command = train_command(output, "train.steps=500", f"train.log_every={LOG_EVERY}", "train.checkpoint_every=1000", "runtime.num_devices=null")
+    command = train_command(
+        output, "train.steps=500", f"train.log_every={LOG_EVERY}", "train.checkpoint_every=1000", "runtime.num_devices=null"
+    )
     run = TwoDeviceRun(command, workdir)
     try:
         log, deadline = output / "metrics.jsonl", time.monotonic() + 600

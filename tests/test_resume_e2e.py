@@ -50,7 +50,11 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 def losses(output: Path):
-    return {line["step"]: line["loss"] for line in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "loss" in line}
+    return {
+        line["step"]: line["loss"]
+        for line in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+        if "loss" in line
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +121,21 @@ def test_truncated_newest_checkpoint_is_skipped_and_old_ones_rotate(straight, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping unusable checkpoint: {newest}: not a readable checkpoint" in result.stderr
     assert json.loads((output / "summary.json").read_text())["resumed_from_step"] == N
-    assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_{3 * N - 2:08d}.pt", f"step_{3 * N:08d}.pt"]
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [
+        f"step_{3 * N - 2:08d}.pt",
+        f"step_{3 * N:08d}.pt",
+    ]
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run(tmp_path, "train.schedule.base_lr=1.0e+8", "train.schedule.warmup_steps=0", "train.grad_clip_norm=0.0",
-                 "train.checkpoint_every=1", "train.steps=30")
+    result = run(
+        tmp_path,
+        "train.schedule.base_lr=1.0e+8",
+        "train.schedule.warmup_steps=0",
+        "train.grad_clip_norm=0.0",
+        "train.checkpoint_every=1",
+        "train.steps=30",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     message = [line for line in result.stderr.splitlines() if line.startswith("error: the loss is not finite at step")]
     assert len(message) == 1 and "Traceback" not in result.stderr

@@ -107,7 +107,15 @@ def test_eval_command_metrics_equal_pycocotools_and_cover_every_image_once(train
 
     output, _ = trained
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
-    args = [str(SCRIPT), "eval", str(output / "checkpoints" / "step_00000012.pt"), "--output", str(tmp_path), "--set", "eval.score_threshold=0.0"]
+    args = [
+        str(SCRIPT),
+        "eval",
+        str(output / "checkpoints" / "step_00000012.pt"),
+        "--output",
+        str(tmp_path),
+        "--set",
+        "eval.score_threshold=0.0",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = [line for line in result.stdout.splitlines() if line.startswith(" Average")]
@@ -139,7 +147,17 @@ def test_predict_draws_and_writes_detections(trained, tmp_path):
     output, _ = trained
     val = output / "synthetic" / "val"
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
-    args = [str(SCRIPT), "predict", str(output), str(val / "000001.jpg"), str(val), "--output", str(tmp_path / "pred"), "--score-threshold", "0.0"]
+    args = [
+        str(SCRIPT),
+        "predict",
+        str(output),
+        str(val / "000001.jpg"),
+        str(val),
+        "--output",
+        str(tmp_path / "pred"),
+        "--score-threshold",
+        "0.0",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "pred" / "detections.json").read_text())
@@ -151,5 +169,11 @@ def test_predict_draws_and_writes_detections(trained, tmp_path):
             x, y, w, h = detection["bbox"]
             assert 0 <= x and 0 <= y and x + w <= entry["width"] + 1e-3 and y + h <= entry["height"] + 1e-3
             assert detection["category_name"] in {"rectangle", "ellipse", "triangle", "cross"}
-    missing = subprocess.run([str(SCRIPT), "predict", str(output), str(tmp_path / "nope.jpg"), "--output", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    missing = subprocess.run(
+        [str(SCRIPT), "predict", str(output), str(tmp_path / "nope.jpg"), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such image or directory"

@@ -33,7 +33,9 @@ def assert_boxes_on_pixels(canvas, boxes, margin=2, check_outside=True):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_train_transform_keeps_boxes_on_their_pixels(seed):
-    augmentation = Augmentation(scale_min=0.5, scale_max=2.0, hflip_probability=0.5, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
+    augmentation = Augmentation(
+        scale_min=0.5, scale_max=2.0, hflip_probability=0.5, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05
+    )
     canvas, boxes, keep = random_resized_crop(drawn_image(), BOXES, (128, 160), augmentation, np.random.default_rng(seed))
     assert canvas.shape == (128, 160, 3) and canvas.dtype == np.uint8
     assert len(boxes) == len(keep) and (boxes[:, 2:] > boxes[:, :2]).all()
@@ -43,7 +45,9 @@ def test_train_transform_keeps_boxes_on_their_pixels(seed):
 
 def test_boxes_cropped_away_or_too_small_are_dropped():
     # Scale 2 of a 200x140 image into 64x64: the crop shows a small part of it.
-    augmentation = Augmentation(scale_min=2.0, scale_max=2.0, hflip_probability=0.0, brightness=0, contrast=0, saturation=0, hue=0, min_box_size=4)
+    augmentation = Augmentation(
+        scale_min=2.0, scale_max=2.0, hflip_probability=0.0, brightness=0, contrast=0, saturation=0, hue=0, min_box_size=4
+    )
     kept_counts = set()
     for seed in range(20):
         canvas, boxes, keep = random_resized_crop(drawn_image(), BOXES, (64, 64), augmentation, np.random.default_rng(seed))

@@ -46,7 +46,10 @@ def check_dataset(annotations: Path, images: Path, decode: bool = True) -> Check
                 dataset.note("unreadable image", str(error))
                 continue
             if (image.width, image.height) != (record.width, record.height):
-                dataset.note("image size differs from the JSON", f"{record.path.name}: {image.width}x{image.height} vs {record.width}x{record.height}")
+                dataset.note(
+                    "image size differs from the JSON",
+                    f"{record.path.name}: {image.width}x{image.height} vs {record.width}x{record.height}",
+                )
             readable.append(record)
         dataset.records = readable
     counts = {mapping_id: 0 for mapping_id in dataset.mapping.category_ids}

@@ -133,7 +133,9 @@ def load_coco(
 
     categories = {}
     for entry in data["categories"]:
-        _require(isinstance(entry, dict) and isinstance(entry.get("id"), int), annotations_file, "every category needs an integer 'id'")
+        _require(
+            isinstance(entry, dict) and isinstance(entry.get("id"), int), annotations_file, "every category needs an integer 'id'"
+        )
         _require(entry["id"] >= 0, annotations_file, f"category id {entry['id']} is negative")
         categories[entry["id"]] = str(entry.get("name", entry["id"]))
     _require(bool(categories), annotations_file, "'categories' is empty")
@@ -165,9 +167,13 @@ def load_coco(
         image = images.get(entry.get("image_id"))
         bbox = entry.get("bbox")
         if image is None:
-            dataset.note("annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {entry.get('image_id')}")
+            dataset.note(
+                "annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {entry.get('image_id')}"
+            )
         elif entry.get("category_id") not in categories:
-            dataset.note("annotation with an unknown category", f"annotation {entry.get('id')} -> category {entry.get('category_id')}")
+            dataset.note(
+                "annotation with an unknown category", f"annotation {entry.get('id')} -> category {entry.get('category_id')}"
+            )
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
             dataset.note("malformed bbox", f"annotation {entry.get('id')}: {bbox!r}")
         else:
@@ -201,4 +207,3 @@ def load_coco(
         )
     dataset.records.sort(key=lambda record: record.image_id)
     return dataset
-

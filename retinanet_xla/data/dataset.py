@@ -79,7 +79,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             scale = 0.0  # not invertible after a random crop; only evaluation uses the scale
         return self._pad(pixels, boxes, labels, crowd, record, scale, valid=True)
 
-    def _pad(self, pixels, boxes, labels, crowd, record: Optional[ImageRecord], scale: float, valid: bool) -> Dict[str, np.ndarray]:
+    def _pad(
+        self, pixels, boxes, labels, crowd, record: Optional[ImageRecord], scale: float, valid: bool
+    ) -> Dict[str, np.ndarray]:
         truncated = len(boxes) > self.max_boxes
         if truncated:
             # Keep real objects before crowd regions, larger before smaller.

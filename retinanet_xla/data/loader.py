@@ -32,7 +32,9 @@ class TrainSampler(torch.utils.data.Sampler):
     ``r``-th slice of every global batch. ``start_batch`` skips that many per-replica batches.
     """
 
-    def __init__(self, num_images: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, start_batch: int = 0):
+    def __init__(
+        self, num_images: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, start_batch: int = 0
+    ):
         _check_shard(num_replicas, rank, batch_size)
         global_batch = batch_size * num_replicas
         if num_images < global_batch:
@@ -116,7 +118,9 @@ class StopSignalsBlockedAtStart(torch.utils.data.DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def build_loader(dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2) -> torch.utils.data.DataLoader:
+def build_loader(
+    dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2
+) -> torch.utils.data.DataLoader:
     """A DataLoader of fixed-shape batches. Workers are persistent: the training stream is
     endless and re-spawning them per epoch would stall the device. The loader gets its own
     generator: without one, starting an iterator draws worker seeds from torch's global RNG,

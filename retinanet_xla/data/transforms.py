@@ -39,7 +39,9 @@ class Augmentation:
             raise ValueError(f"hue jitter must be in [0, 0.5], got {self.hue}")
 
 
-NO_AUGMENTATION = Augmentation(scale_min=1.0, scale_max=1.0, hflip_probability=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+NO_AUGMENTATION = Augmentation(
+    scale_min=1.0, scale_max=1.0, hflip_probability=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
+)
 
 
 def fit_scale(width: int, height: int, output_size: Sequence[int]) -> float:

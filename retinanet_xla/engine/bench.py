@@ -108,7 +108,17 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
     # slowest sets the pace).
     idle = waits["device_idle_fraction"]
-    times = torch.tensor([[first_step, warm_seconds / (steps - 1), waits["input_wait_fraction"], -1.0 if idle is None else idle, waits["device_wait_fraction"]]])
+    times = torch.tensor(
+        [
+            [
+                first_step,
+                warm_seconds / (steps - 1),
+                waits["input_wait_fraction"],
+                -1.0 if idle is None else idle,
+                waits["device_wait_fraction"],
+            ]
+        ]
+    )
     if replicas.world > 1:
         times = replicas.gather(times, runtime.device)
         runtime.sync(collective=True)
@@ -117,7 +127,9 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     return {
         "device": str(runtime.device),
         "replicas": replicas.world,
-        "input": f"data pipeline, {config.data.num_workers} worker(s) per replica" if data_root is not None else "in-memory random batches",
+        "input": f"data pipeline, {config.data.num_workers} worker(s) per replica"
+        if data_root is not None
+        else "in-memory random batches",
         "steps": steps,
         "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),

@@ -25,7 +25,9 @@ def build_model(config: Config) -> RetinaNet:
 
 def _build_model(config: Config) -> RetinaNet:
     m = config.model
-    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding)
+    anchors = AnchorGenerator(
+        m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding
+    )
     return RetinaNet(
         num_classes=m.num_classes,
         backbone=m.backbone.name,
@@ -43,7 +45,10 @@ def _build_model(config: Config) -> RetinaNet:
 def build_loss(config: Config) -> DetectionLoss:
     m, loss = config.model, config.loss
     matcher = AnchorMatcher(
-        m.matcher.positive_threshold, m.matcher.negative_threshold, m.matcher.allow_low_quality_matches, m.matcher.crowd_ioa_threshold
+        m.matcher.positive_threshold,
+        m.matcher.negative_threshold,
+        m.matcher.allow_low_quality_matches,
+        m.matcher.crowd_ioa_threshold,
     )
     return DetectionLoss(
         m.num_classes,

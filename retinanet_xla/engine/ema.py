@@ -31,7 +31,9 @@ class WeightAverage:
         decay = torch.minimum(torch.full_like(n, self.decay), (1.0 + n) / (10.0 + n))
         targets, sources = self._float_pairs
         if targets:
-            torch._foreach_copy_(targets, torch._foreach_add(torch._foreach_mul(targets, decay), torch._foreach_mul(sources, 1.0 - decay)))
+            torch._foreach_copy_(
+                targets, torch._foreach_add(torch._foreach_mul(targets, decay), torch._foreach_mul(sources, 1.0 - decay))
+            )
         targets, sources = self._other_pairs
         if targets:
             torch._foreach_copy_(targets, sources)

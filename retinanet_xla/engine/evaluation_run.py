@@ -14,7 +14,11 @@ from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, overrides: Sequence[str] = (), annotations: Optional[Path] = None, images: Optional[Path] = None, output: Optional[Path] = None
+    checkpoint: Path,
+    overrides: Sequence[str] = (),
+    annotations: Optional[Path] = None,
+    images: Optional[Path] = None,
+    output: Optional[Path] = None,
 ) -> Tuple[Dict, Path]:
     """Writes ``detections.json`` and ``metrics.json`` (the 12 COCO numbers, AP per category and
     pycocotools' printed summary) and returns the metrics and the directory."""

@@ -228,6 +228,8 @@ def launch(function: Callable, args: tuple, agreed_errors: tuple = (), num_devic
     if isinstance(error, BrokenProcessPool):
         for process in multiprocessing.active_children():  # no replica process outlives the run
             process.kill()
-        raise ReplicaFailed("a replica process ended abnormally (its error is printed above); checkpoints already written are intact")
+        raise ReplicaFailed(
+            "a replica process ended abnormally (its error is printed above); checkpoints already written are intact"
+        )
     if error is not None:
         raise error

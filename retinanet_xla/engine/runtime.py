@@ -114,7 +114,9 @@ def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 
 class Runtime:
-    def __init__(self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[LaunchOrder] = None):
+    def __init__(
+        self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[LaunchOrder] = None
+    ):
         self.kind = kind
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
@@ -214,7 +216,11 @@ class Runtime:
         data = metrics.metric_data("CompileTime")
         found = {"count": int(data[0]), "seconds": data[1] / 1e9} if data else {"count": 0, "seconds": 0.0}
         if self.compile_cache is not None:
-            for counter, key in (("PersistentCacheHit", "cache_hits"), ("PersistentCacheMiss", "cache_misses"), ("PersistentCacheDeserializeFailure", "cache_load_failures")):
+            for counter, key in (
+                ("PersistentCacheHit", "cache_hits"),
+                ("PersistentCacheMiss", "cache_misses"),
+                ("PersistentCacheDeserializeFailure", "cache_load_failures"),
+            ):
                 found[key] = metrics.counter_value(counter) or 0
         return found
 

@@ -85,7 +85,9 @@ def train_batches(config: Config, coco: CocoDataset, replicas: Replicas, start_b
     ``start_batch`` (the step a checkpoint reached), a resumed run sees the same images with
     the same augmentation as an uninterrupted one."""
     batch_size = check_batch_sizes(config, replicas)
-    dataset = DetectionDataset(coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation)
+    dataset = DetectionDataset(
+        coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation
+    )
     sampler = TrainSampler(len(dataset), batch_size, replicas.world, replicas.rank, config.train.seed, start_batch=start_batch)
     return BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
 
@@ -104,7 +106,14 @@ def _finite(values: Dict[str, float]) -> bool:
 class Trainer:
     """One replica's training loop (the only one, on a single device)."""
 
-    def __init__(self, config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None, replicas: Replicas = Replicas()):
+    def __init__(
+        self,
+        config: Config,
+        output_dir: Path,
+        resume: bool = True,
+        console: Optional[Console] = None,
+        replicas: Replicas = Replicas(),
+    ):
         self.config, self.output_dir, self.replicas = config, Path(output_dir), replicas
         world_size = replicas.world
         if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
@@ -171,7 +180,9 @@ class Trainer:
                 s.ema.model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: does not fit this config ({first_line}); use --no-resume or another --output") from None
+            raise CheckpointError(
+                f"{path}: does not fit this config ({first_line}); use --no-resume or another --output"
+            ) from None
         s.step.copy_(torch.tensor(payload["step"], dtype=torch.int64))
         torch.set_rng_state(payload["torch_rng_state"])
         self.start_step, self.best_ap = payload["step"], payload.get("best_ap", float("-inf"))
@@ -210,7 +221,11 @@ class Trainer:
 
     def run(self) -> Dict:
         c, runtime, replicas = self.config.train, self.runtime, self.replicas
-        log = MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console) if replicas.is_master else SilentLog()
+        log = (
+            MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console)
+            if replicas.is_master
+            else SilentLog()
+        )
         log.message(
             f"training steps {self.start_step + 1}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
             f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
@@ -248,7 +263,9 @@ class Trainer:
                     if profiling and step == min(profile[1], c.steps):
                         runtime.stop_profile()
                         profiling = False
-                        log.message(f"profiled steps {profile[0]}-{step}: open {self.output_dir / 'tensorboard'} in TensorBoard's profile tab")
+                        log.message(
+                            f"profiled steps {profile[0]}-{step}: open {self.output_dir / 'tensorboard'} in TensorBoard's profile tab"
+                        )
                     if step == first:
                         runtime.wait()
                         warmup_compilations = runtime.compilations()["count"]
@@ -258,7 +275,9 @@ class Trainer:
                     elif step % c.log_every == 0 or is_last:
                         new = runtime.compilations()["count"] - warmup_compilations
                         if new and replicas.is_master:
-                            logger.warning("%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step)
+                            logger.warning(
+                                "%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step
+                            )
                     if diverged:
                         raise TrainingDiverged(
                             f"the loss is not finite at step {self.diverged_at or step}; stopping (last good checkpoint: {self.last_checkpoint or 'none'})"
@@ -302,7 +321,9 @@ class Trainer:
             self.checkpoints.save_best(self._payload(step))
         self.replicas.barrier()
 
-    def _summary(self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, waits: Dict) -> Dict:
+    def _summary(
+        self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, waits: Dict
+    ) -> Dict:
         c = self.config.train
         compiled = self.runtime.compilations()
         steps_run = c.steps - self.start_step

@@ -38,7 +38,11 @@ def results_index(gt: COCO, detections: Sequence[Dict]) -> COCO:
     for index, detection in enumerate(detections, start=1):
         x, y, w, h = detection["bbox"]
         annotations.append({**detection, "area": w * h, "id": index, "iscrowd": 0})
-    results.dataset = {"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": annotations}
+    results.dataset = {
+        "images": list(gt.dataset["images"]),
+        "categories": copy.deepcopy(gt.dataset["categories"]),
+        "annotations": annotations,
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         results.createIndex()
     return results

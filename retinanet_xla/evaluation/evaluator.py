@@ -27,7 +27,9 @@ class Evaluator:
     (``EvalSampler``); the detections travel to the master in fixed-size tensors (one
     all-gather, compiled once per split), and the master alone scores them."""
 
-    def __init__(self, config: Config, coco: CocoDataset, runtime: Runtime, replicas: Replicas = Replicas(), show_progress: bool = True):
+    def __init__(
+        self, config: Config, coco: CocoDataset, runtime: Runtime, replicas: Replicas = Replicas(), show_progress: bool = True
+    ):
         self.config, self.coco, self.runtime, self.replicas = config, coco, runtime, replicas
         self.show_progress = show_progress and replicas.is_master
         image_size = tuple(config.data.image_size)
@@ -40,7 +42,9 @@ class Evaluator:
         self.capacity = len(sampler) * config.eval.max_detections
         self.index_of = {record.image_id: index for index, record in enumerate(coco.records)}
         if len(coco.records) >= 2**24:
-            raise ValueError(f"{coco.annotations_file}: {len(coco.records)} images; evaluation handles fewer than 2**24 per split")
+            raise ValueError(
+                f"{coco.annotations_file}: {len(coco.records)} images; evaluation handles fewer than 2**24 per split"
+            )
         self.box_coder = BoxCoder(config.model.box_coder_weights)
         self.gt = ground_truth(coco.annotations_file) if replicas.is_master else None
         self.anchors: Optional[torch.Tensor] = None
@@ -52,7 +56,14 @@ class Evaluator:
         content = (batch["original_size"].float() * batch["scale"][:, None]).round()
         with self.runtime.autocast(self.config.train.precision):
             outputs = model(model.normalize(batch["images"]))
-        return select_candidates(outputs["cls_logits"], outputs["bbox_regression"], self.anchors, self.box_coder, self.config.eval.pre_nms_top_k, content)
+        return select_candidates(
+            outputs["cls_logits"],
+            outputs["bbox_regression"],
+            self.anchors,
+            self.box_coder,
+            self.config.eval.pre_nms_top_k,
+            content,
+        )
 
     def predict(self, model: RetinaNet) -> Optional[List[Dict]]:
         """COCO-format detections for every image of the split (each exactly once), in split

@@ -85,7 +85,14 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_
             content[index] = torch.tensor([round(image.height * scale), round(image.width * scale)])
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
         outputs = model(model.normalize(batch))
-        candidates = select_candidates(outputs["cls_logits"], outputs["bbox_regression"], anchors, coder, config.eval.pre_nms_top_k, content.to(runtime.device))
+        candidates = select_candidates(
+            outputs["cls_logits"],
+            outputs["bbox_regression"],
+            anchors,
+            coder,
+            config.eval.pre_nms_top_k,
+            content.to(runtime.device),
+        )
         runtime.sync()
         for (path, image), scale, found in zip(decoded, scales, filter_detections(candidates, config.eval)):
             boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
@@ -98,10 +105,14 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_
                     "category_id": int(category_id),
                     "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
                 }
-                for (x1, y1, x2, y2), score, label, category_id in zip(boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist())
+                for (x1, y1, x2, y2), score, label, category_id in zip(
+                    boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
+                )
             ]
             draw(image, detections).save(output_dir / f"{path.stem}.png")
             results.append({"file": str(path), "width": image.width, "height": image.height, "detections": detections})
     json_path = output_dir / "detections.json"
-    json_path.write_text(json.dumps({"checkpoint": str(loaded.checkpoint), "score_threshold": score_threshold, "images": results}, indent=1))
+    json_path.write_text(
+        json.dumps({"checkpoint": str(loaded.checkpoint), "score_threshold": score_threshold, "images": results}, indent=1)
+    )
     return json_path

@@ -22,7 +22,9 @@ class CandidateDetector(nn.Module):
     (boxes [B, K, 4], scores [B, K], labels [B, K], K = ``pre_nms_top_k``), sorted by score.
     Static shapes only: what StableHLO can express."""
 
-    def __init__(self, model: RetinaNet, image_size: Tuple[int, int], box_coder: BoxCoder, pre_nms_top_k: int, uint8_input: bool = True):
+    def __init__(
+        self, model: RetinaNet, image_size: Tuple[int, int], box_coder: BoxCoder, pre_nms_top_k: int, uint8_input: bool = True
+    ):
         super().__init__()
         self.model, self.box_coder, self.pre_nms_top_k, self.uint8_input = model.eval(), box_coder, pre_nms_top_k, uint8_input
         self.register_buffer("anchors", model.anchors(tuple(image_size)), persistent=False)
@@ -30,7 +32,9 @@ class CandidateDetector(nn.Module):
     def forward(self, images: Tensor, content_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         pixels = self.model.normalize(images) if self.uint8_input else images
         outputs = self.model(pixels)
-        found = select_candidates(outputs["cls_logits"], outputs["bbox_regression"], self.anchors, self.box_coder, self.pre_nms_top_k, content_sizes)
+        found = select_candidates(
+            outputs["cls_logits"], outputs["bbox_regression"], self.anchors, self.box_coder, self.pre_nms_top_k, content_sizes
+        )
         return found.boxes, found.scores, found.labels
 
 
@@ -45,11 +49,15 @@ class Detector(nn.Module):
 
     def forward(self, images: Tensor, content_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         boxes, scores, labels = self.candidates(images, content_sizes)
-        results = [fixed_size_detections(Candidates(*found), self.postprocess, self.num_classes) for found in zip(boxes, scores, labels)]
+        results = [
+            fixed_size_detections(Candidates(*found), self.postprocess, self.num_classes) for found in zip(boxes, scores, labels)
+        ]
         return tuple(torch.stack(parts) for parts in zip(*results))
 
 
-def fixed_size_detections(found: Candidates, config: PostprocessConfig, num_classes: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def fixed_size_detections(
+    found: Candidates, config: PostprocessConfig, num_classes: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One image's candidates (sorted by score) -> its ``max_detections`` best after the
     threshold, per-class NMS and the per-class cap, with the same result as the host path.
 

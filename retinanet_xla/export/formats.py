@@ -39,9 +39,13 @@ def example_inputs(batch_size: int, image_size: Sequence[int], uint8_input: bool
 def build_detectors(loaded: LoadedModel, uint8_input: bool) -> Tuple[CandidateDetector, Detector]:
     config = loaded.config
     if config.eval.max_detections > config.eval.pre_nms_top_k:
-        raise ConfigError(f"eval.max_detections {config.eval.max_detections} exceeds eval.pre_nms_top_k {config.eval.pre_nms_top_k}")
+        raise ConfigError(
+            f"eval.max_detections {config.eval.max_detections} exceeds eval.pre_nms_top_k {config.eval.pre_nms_top_k}"
+        )
     model = loaded.model.cpu().float().eval()
-    candidates = CandidateDetector(model, tuple(config.data.image_size), BoxCoder(config.model.box_coder_weights), config.eval.pre_nms_top_k, uint8_input)
+    candidates = CandidateDetector(
+        model, tuple(config.data.image_size), BoxCoder(config.model.box_coder_weights), config.eval.pre_nms_top_k, uint8_input
+    )
     return candidates, Detector(candidates, config.eval, config.model.num_classes).eval()
 
 
@@ -58,7 +62,13 @@ def export(loaded: LoadedModel, fmt: str, output_dir: Path, batch_size: int = 1,
         if fmt == "onnx":
             path = output_dir / "model.onnx"
             torch.onnx.export(
-                detector, inputs, str(path), input_names=["images", "content_sizes"], output_names=OUTPUTS, opset_version=ONNX_OPSET, dynamo=False
+                detector,
+                inputs,
+                str(path),
+                input_names=["images", "content_sizes"],
+                output_names=OUTPUTS,
+                opset_version=ONNX_OPSET,
+                dynamo=False,
             )
         elif fmt == "torchscript":
             path = output_dir / "model.torchscript.pt"
@@ -98,9 +108,19 @@ def _write_metadata(loaded: LoadedModel, fmt: str, path: Path, batch_size: int, 
                 "shape": [batch_size, 3, height, width],
                 "dtype": "uint8" if uint8_input else "float32",
                 "meaning": "RGB, letterboxed: resized keeping the aspect ratio (scale = min(H/h, W/w)) and padded with zeros at the bottom and right",
-                "normalisation": "inside the graph" if uint8_input else {"mean": loaded.model.image_mean.flatten().tolist(), "std": loaded.model.image_std.flatten().tolist(), "of": "pixels / 255"},
+                "normalisation": "inside the graph"
+                if uint8_input
+                else {
+                    "mean": loaded.model.image_mean.flatten().tolist(),
+                    "std": loaded.model.image_std.flatten().tolist(),
+                    "of": "pixels / 255",
+                },
             },
-            "content_sizes": {"shape": [batch_size, 2], "dtype": "int64", "meaning": "round(h * scale), round(w * scale) of each image inside the canvas"},
+            "content_sizes": {
+                "shape": [batch_size, 2],
+                "dtype": "int64",
+                "meaning": "round(h * scale), round(w * scale) of each image inside the canvas",
+            },
         },
         "outputs": (
             {
@@ -128,7 +148,10 @@ def _write_metadata(loaded: LoadedModel, fmt: str, path: Path, batch_size: int, 
             "pre_nms_top_k": config.eval.pre_nms_top_k,
             "in_graph": with_nms,
         },
-        "categories": [{"label": label, "id": category_id, "name": mapping.names.get(category_id, str(category_id))} for label, category_id in zip(labels, category_ids)],
+        "categories": [
+            {"label": label, "id": category_id, "name": mapping.names.get(category_id, str(category_id))}
+            for label, category_id in zip(labels, category_ids)
+        ],
     }
     if fmt == "onnx":
         metadata["onnx_opset"] = ONNX_OPSET
@@ -166,7 +189,13 @@ def compare_with_package(loaded: LoadedModel, exported: Exported, images: Tensor
         found = [Detections(b[:n], s[:n], k[:n]) for b, s, k, n in zip(boxes, scores, labels, count.tolist())]
     else:
         found = filter_detections(Candidates(*outputs), loaded.config.eval)
-    report = {"images": len(expected), "count_mismatches": 0, "label_mismatches": 0, "max_box_relative_difference": 0.0, "max_score_difference": 0.0}
+    report = {
+        "images": len(expected),
+        "count_mismatches": 0,
+        "label_mismatches": 0,
+        "max_box_relative_difference": 0.0,
+        "max_score_difference": 0.0,
+    }
     for want, got in zip(expected, found):
         if len(want.scores) != len(got.scores):
             report["count_mismatches"] += 1

@@ -12,7 +12,13 @@ from retinanet_xla.export.formats import Exported, compare_with_package, export
 
 
 def export_checkpoint(
-    checkpoint: Path, fmt: str, output: Optional[Path], batch_size: int, uint8_input: bool, overrides: Sequence[str] = (), check: bool = False
+    checkpoint: Path,
+    fmt: str,
+    output: Optional[Path],
+    batch_size: int,
+    uint8_input: bool,
+    overrides: Sequence[str] = (),
+    check: bool = False,
 ) -> Tuple[Exported, Optional[Dict[str, float]]]:
     """Export on the host CPU (the artefact must not depend on an XLA device); with ``check``,
     compare it with the in-package model on the first images of the validation split."""
@@ -30,7 +36,9 @@ def validation_batch(loaded, batch_size: int, uint8_input: bool) -> Tuple[torch.
     config = loaded.config
     coco = dataset_split(config, "val", loaded.checkpoint.parent.parent)
     coco.mapping = loaded.mapping
-    dataset = DetectionDataset(coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, augmentation=None)
+    dataset = DetectionDataset(
+        coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, augmentation=None
+    )
     batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     images = batch["images"]
     content_sizes = (batch["original_size"].float() * batch["scale"][:, None]).round().long()  # as evaluation clips

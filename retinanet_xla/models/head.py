@@ -41,7 +41,15 @@ def _flatten(output: Tensor, values_per_anchor: int) -> Tensor:
 
 
 class ClassificationHead(nn.Module):
-    def __init__(self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, norm: str = "none", prior_probability: float = 0.01):
+    def __init__(
+        self,
+        channels: int,
+        num_anchors: int,
+        num_classes: int,
+        num_convs: int = 4,
+        norm: str = "none",
+        prior_probability: float = 0.01,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.conv = _conv_tower(channels, num_convs, norm)
@@ -68,7 +76,15 @@ class RegressionHead(nn.Module):
 
 
 class RetinaNetHead(nn.Module):
-    def __init__(self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, norm: str = "none", prior_probability: float = 0.01):
+    def __init__(
+        self,
+        channels: int,
+        num_anchors: int,
+        num_classes: int,
+        num_convs: int = 4,
+        norm: str = "none",
+        prior_probability: float = 0.01,
+    ):
         super().__init__()
         self.classification_head = ClassificationHead(channels, num_anchors, num_classes, num_convs, norm, prior_probability)
         self.regression_head = RegressionHead(channels, num_anchors, num_convs, norm)

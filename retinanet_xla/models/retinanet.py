@@ -60,7 +60,9 @@ class RetinaNet(nn.Module):
         self.num_classes = num_classes
         self.anchor_generator = anchor_generator or AnchorGenerator()
         if self.anchor_generator.num_levels != NUM_LEVELS:
-            raise ValueError(f"anchors must be configured for {NUM_LEVELS} levels (P3-P7), got {self.anchor_generator.num_levels}")
+            raise ValueError(
+                f"anchors must be configured for {NUM_LEVELS} levels (P3-P7), got {self.anchor_generator.num_levels}"
+            )
         self.backbone = BackboneWithFPN(backbone, fpn_channels, backbone_norm, freeze_at, backbone_weights)
         self.head = RetinaNetHead(
             fpn_channels, self.anchor_generator.num_anchors_per_location, num_classes, head_convs, head_norm, prior_probability

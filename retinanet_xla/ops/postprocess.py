@@ -38,7 +38,9 @@ class PostprocessConfig:
     max_detections: int = 100
 
 
-def select_candidates(cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, box_coder: BoxCoder, top_k: int, content_size: Tensor) -> Candidates:
+def select_candidates(
+    cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, box_coder: BoxCoder, top_k: int, content_size: Tensor
+) -> Candidates:
     """cls_logits [B, A, C], bbox_regression [B, A, 4], anchors [A, 4]; ``content_size`` [B, 2]
     (height, width) of the real image inside the padded canvas. Static shapes throughout."""
     batch, num_anchors, num_classes = cls_logits.shape
@@ -80,7 +82,9 @@ def filter_detections(candidates: Candidates, config: PostprocessConfig) -> List
         same_class_before = (labels[:, None] == labels[None, :]).tril(-1).sum(dim=1)
         keep = same_class_before < config.max_detections_per_class
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        results.append(Detections(boxes[: config.max_detections], scores[: config.max_detections], labels[: config.max_detections]))
+        results.append(
+            Detections(boxes[: config.max_detections], scores[: config.max_detections], labels[: config.max_detections])
+        )
     return results
 
 
