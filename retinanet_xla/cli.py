@@ -9,14 +9,9 @@ from typing import List, Optional
 import typer
 
 from retinanet_xla import __version__
-from retinanet_xla.config import ConfigError, load_config
-from retinanet_xla.data.coco import DatasetError
+from retinanet_xla.config import load_config
 from retinanet_xla.data.commands import data_app
-from retinanet_xla.engine.checkpoint import CheckpointError
-from retinanet_xla.engine.replicas import ReplicaFailed
-
-# Mistakes a user can make: reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError)
+from retinanet_xla.errors import ConfigError, RunFailed, RunStopped, UserError
 
 app = typer.Typer(
     name="retinanet-xla",
@@ -64,20 +59,10 @@ def train(
 
     Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
     checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
-    from retinanet_xla.engine.preemption import EXIT_INTERRUPTED
-    from retinanet_xla.engine.trainer import TrainingDiverged, TrainingInterrupted
     from retinanet_xla.engine.trainer import train as run_training
 
     settings = load_config(config, _with_devices(overrides, devices))
-    output_dir = output or Path(settings.train.output_dir)
-    try:
-        summary = run_training(settings, output_dir, resume)
-    except TrainingInterrupted as stop:
-        typer.echo(str(stop), err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except TrainingDiverged as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    summary = run_training(settings, output or Path(settings.train.output_dir), resume)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -205,16 +190,17 @@ app.add_typer(data_app, name="data")
 
 
 def main() -> None:
-    """Entry point: user mistakes end in one line on stderr and exit code 2, never a traceback."""
+    """Entry point: every way a command ends maps to the exit code of its kind (errors.py); user
+    mistakes end in one line on stderr, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app(standalone_mode=True)
-    except USER_ERRORS as error:
+    except RunStopped as stop:  # its message says how to resume
+        typer.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
+    except (UserError, RunFailed) as error:  # a failed replica printed its own error first
         typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except ReplicaFailed as error:  # the replica printed its own error first
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(1)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from retinanet_xla.data.transforms import Augmentation
+from retinanet_xla.errors import ConfigError
 from retinanet_xla.models.bodies import BACKBONES
 from retinanet_xla.ops.postprocess import PostprocessConfig
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message is one line."""
 
 
 @dataclass

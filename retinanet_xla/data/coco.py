@@ -14,11 +14,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from retinanet_xla.errors import DatasetError
+
 LABEL_MAPPINGS = ("contiguous", "raw")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used at all; the message is one line naming the file."""
 
 
 @dataclass

@@ -13,13 +13,11 @@ from typing import Any, Dict
 
 import torch
 
+from retinanet_xla.errors import CheckpointError
+
 FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "category_mapping")
-
-
-class CheckpointError(ValueError):
-    """An unusable checkpoint file; the message is one line naming it."""
 
 
 def to_cpu(value: Any) -> Any:

@@ -13,9 +13,6 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-# Exit status after a requested stop with a saved checkpoint (EX_TEMPFAIL: "try again"): a job
-# wrapper reruns the same command, which resumes.
-EXIT_INTERRUPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

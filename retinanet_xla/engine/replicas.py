@@ -28,13 +28,14 @@ from torch import Tensor
 
 from retinanet_xla.engine.preemption import SIGNALS as STOP_SIGNALS
 from retinanet_xla.engine.runtime import prefer_nonblocking_cpu_client
+from retinanet_xla.errors import ConfigError, RunFailed, UserError
 
 # Host-side barrier for replicas that are threads of one process (set up by ``current_replicas``).
 _THREAD_BARRIERS: Dict[int, threading.Barrier] = {}
 _BARRIERS_LOCK = threading.Lock()
 
 
-class ReplicaFailed(RuntimeError):
+class ReplicaFailed(RunFailed):
     """A replica process ended abnormally; the replica printed its own error first."""
 
 
@@ -90,8 +91,6 @@ class Replicas:
     def share(self, batch_size: int, key: str) -> int:
         """Each replica's part of a global batch (``key`` names the setting in the error)."""
         if batch_size % self.world:
-            from retinanet_xla.config import ConfigError
-
             raise ConfigError(f"{key} {batch_size} is not divisible by the {self.world} replicas")
         return batch_size // self.world
 
@@ -165,16 +164,14 @@ def _replica_entry(index: int, function: Callable, args: tuple, agreed_errors: t
     except agreed_errors:
         raise
     except BaseException as error:  # noqa: BLE001 - every other failure must end every replica
-        from retinanet_xla.cli import USER_ERRORS
-
-        if isinstance(error, USER_ERRORS):
+        if isinstance(error, UserError):
             print(f"error: {error}", file=sys.stderr, flush=True)
         else:
             print(f"error: replica {replicas.rank} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(2 if isinstance(error, USER_ERRORS) else 1)
+        os._exit(error.exit_code if isinstance(error, UserError) else RunFailed.exit_code)
 
 
 def local_replica_count(device: str, num_devices: Optional[int]) -> Optional[int]:

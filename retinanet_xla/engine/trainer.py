@@ -25,16 +25,17 @@ from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
 from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
 from retinanet_xla.engine.runtime import InputWait, Stopwatch
+from retinanet_xla.errors import RunFailed, RunStopped
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss became NaN or infinite."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(RunStopped):
     """A stop was requested (SIGTERM/SIGINT); a checkpoint for the step reached was saved."""
 
 

@@ -1,0 +1,45 @@
+"""Every way a command can end other than success, with the exit code docs/checkpoints.md
+promises. The bottom layer: it imports nothing of the package, so any module can raise these,
+and the command line maps them to exit codes without being asked which errors are whose.
+
+- ``UserError`` (exit 2): a mistake the user can fix (a config key, a file, a dataset), reported
+  as one line without a traceback. Its kinds say where the mistake is.
+- ``RunStopped`` (exit 75, EX_TEMPFAIL "try again"): a stop was requested and a checkpoint
+  saved; running the same command again resumes.
+- ``RunFailed`` (exit 1): the run could not go on (the loss diverged, a replica died); what was
+  saved before is intact.
+"""
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 75
+
+
+class UserError(ValueError):
+    """A user mistake; the message is one line naming the file, key or value and what is expected."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class ConfigError(UserError):
+    """A config file, ``--set`` override or command-line option."""
+
+
+class DatasetError(UserError):
+    """An annotation file or image directory."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file or run directory."""
+
+
+class RunStopped(RuntimeError):
+    """A stop was requested (SIGTERM/SIGINT, the STOP file); a checkpoint for the step reached was saved."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on; checkpoints already written are intact."""
+
+    exit_code = EXIT_FAILED
