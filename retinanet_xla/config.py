@@ -3,6 +3,11 @@
 A config file may name a base with ``extends: other.yaml`` (relative to the file); the command
 line overrides any key with ``--set a.b=value`` (the value is parsed as YAML: ``[512,512]``,
 ``1e-3``, ``true``). Every mistake raises ``ConfigError`` with one line naming the key or file.
+
+Each section validates its own values where it is defined (``__post_init__``), so a section
+built anywhere, from YAML or in Python, is valid. This module imports nothing of the package
+but ``errors``: loading a YAML file does not import torch. Choices that belong to a lower layer
+(the backbone names: torchvision's model zoo) are checked where the model is built.
 """
 
 import dataclasses
@@ -15,10 +20,33 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from retinanet_xla.data.transforms import Augmentation
 from retinanet_xla.errors import ConfigError
-from retinanet_xla.models.bodies import BACKBONES
-from retinanet_xla.ops.postprocess import PostprocessConfig
+
+# The vocabulary of the config; modules that act on these values import them from here.
+LABEL_MAPPINGS = ("contiguous", "raw")
+BACKBONE_NORMS = ("frozen_bn", "bn", "cross_replica_bn", "gn")
+HEAD_NORMS = ("none", "gn")
+BOX_LOSSES = ("smooth_l1", "huber", "l1", "giou")
+PRECISIONS = ("bf16", "fp32")
+SCHEDULES = ("step", "cosine")
+DEVICES = ("xla", "cpu", "cuda")
+
+
+class InvalidValue(ValueError):
+    """A section's field has a value it cannot take; ``_build`` names the full key."""
+
+    def __init__(self, name: str, value: Any, expected: str):
+        super().__init__(f"{name} must be {expected}, got {value!r}")
+        self.name = name
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise InvalidValue(name, value, expected)
+
+
+def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
+    _require(value in choices, name, value, "one of " + ", ".join(choices))
 
 
 @dataclass
@@ -33,6 +61,35 @@ class SyntheticConfig:
     val_images: int = 64
     seed: int = 0
 
+    def __post_init__(self):
+        _require(self.train_images >= 1, "train_images", self.train_images, ">= 1")
+        _require(self.val_images >= 1, "val_images", self.val_images, ">= 1")
+
+
+@dataclass
+class Augmentation:
+    """Training augmentation knobs. Defaults are the reference recipe's (scale jitter 0.5-2.0,
+    horizontal flip) plus mild colour jitter; each strength is the maximum relative change
+    (hue: fraction of the colour circle). 0 switches a jitter off."""
+
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    hflip_probability: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+    min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels) after cropping are dropped
+
+    def __post_init__(self):
+        _require(self.scale_min > 0, "scale_min", self.scale_min, "> 0")
+        _require(self.scale_max >= self.scale_min, "scale_max", self.scale_max, f">= scale_min ({self.scale_min})")
+        _require(0 <= self.hflip_probability <= 1, "hflip_probability", self.hflip_probability, "in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "in [0, 1)")
+        _require(0 <= self.hue <= 0.5, "hue", self.hue, "in [0, 0.5]")
+        _require(self.min_box_size >= 0, "min_box_size", self.min_box_size, ">= 0")
+
 
 @dataclass
 class DataConfig:
@@ -45,13 +102,24 @@ class DataConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     num_workers: int = 4
 
+    def __post_init__(self):
+        size = self.image_size
+        _require(len(size) == 2 and min(size) >= 32, "image_size", size, "[height, width] with both >= 32")
+        _require(self.max_boxes > 0, "max_boxes", self.max_boxes, "> 0")
+        _one_of("label_mapping", self.label_mapping, LABEL_MAPPINGS)
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # any of BACKBONES (docs/models.md)
+    name: str = "resnet50"  # any of models.BACKBONES (docs/models.md); checked when the model is built
     norm: str = "frozen_bn"  # frozen_bn | bn | cross_replica_bn | gn
     freeze_at: int = 2
     weights: Optional[str] = None  # the ImageNet .pth torchvision publishes for that network
+
+    def __post_init__(self):
+        _one_of("norm", self.norm, BACKBONE_NORMS)
+        _require(0 <= self.freeze_at <= 5, "freeze_at", self.freeze_at, "in [0, 5] (stem, then the 4 stages)")
 
 
 @dataclass
@@ -59,6 +127,11 @@ class HeadConfig:
     convs: int = 4
     norm: str = "none"  # none | gn
     prior_probability: float = 0.01
+
+    def __post_init__(self):
+        _require(self.convs >= 0, "convs", self.convs, ">= 0")
+        _one_of("norm", self.norm, HEAD_NORMS)
+        _require(0 < self.prior_probability < 1, "prior_probability", self.prior_probability, "in (0, 1)")
 
 
 @dataclass
@@ -69,6 +142,13 @@ class AnchorConfig:
     offset: float = 0.5
     torchvision_rounding: bool = False
 
+    def __post_init__(self):
+        _require(len(self.sizes) == 5 and min(self.sizes) > 0, "sizes", self.sizes, "5 positive sizes (P3-P7)")
+        _require(len(self.scales) > 0 and min(self.scales) > 0, "scales", self.scales, "a non-empty list of positive numbers")
+        ratios = self.aspect_ratios
+        _require(len(ratios) > 0 and min(ratios) > 0, "aspect_ratios", ratios, "a non-empty list of positive numbers")
+        _require(0 <= self.offset <= 1, "offset", self.offset, "in [0, 1]")
+
 
 @dataclass
 class MatcherConfig:
@@ -76,6 +156,12 @@ class MatcherConfig:
     negative_threshold: float = 0.5
     allow_low_quality_matches: bool = True
     crowd_ioa_threshold: float = 0.5
+
+    def __post_init__(self):
+        _require(0 < self.positive_threshold <= 1, "positive_threshold", self.positive_threshold, "in (0, 1]")
+        expected = f"in [0, positive_threshold ({self.positive_threshold})]"
+        _require(0 <= self.negative_threshold <= self.positive_threshold, "negative_threshold", self.negative_threshold, expected)
+        _require(0 < self.crowd_ioa_threshold <= 1, "crowd_ioa_threshold", self.crowd_ioa_threshold, "in (0, 1]")
 
 
 @dataclass
@@ -88,6 +174,12 @@ class ModelConfig:
     box_coder_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
 
+    def __post_init__(self):
+        _require(self.num_classes > 0, "num_classes", self.num_classes, "> 0")
+        _require(self.fpn_channels > 0, "fpn_channels", self.fpn_channels, "> 0")
+        weights = self.box_coder_weights
+        _require(len(weights) == 4 and min(weights) > 0, "box_coder_weights", weights, "4 positive numbers (x, y, w, h)")
+
 
 @dataclass
 class LossConfig:
@@ -98,6 +190,16 @@ class LossConfig:
     box_loss_weight: float = 12.5  # the TF recipe's 50 with Keras' mean over the 4 coordinates
     normalizer_momentum: float = 0.0
 
+    def __post_init__(self):
+        _require(self.focal_alpha <= 1, "focal_alpha", self.focal_alpha, "in [0, 1] (or negative: no class balancing)")
+        _require(self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, ">= 0")
+        _one_of("box_loss", self.box_loss, BOX_LOSSES)
+        if self.box_loss == "huber":
+            _require(self.box_loss_beta > 0, "box_loss_beta", self.box_loss_beta, "> 0 for huber")
+        _require(self.box_loss_beta >= 0, "box_loss_beta", self.box_loss_beta, ">= 0")
+        _require(self.box_loss_weight >= 0, "box_loss_weight", self.box_loss_weight, ">= 0")
+        _require(0 <= self.normalizer_momentum < 1, "normalizer_momentum", self.normalizer_momentum, "in [0, 1)")
+
 
 @dataclass
 class OptimizerConfig:
@@ -105,6 +207,10 @@ class OptimizerConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     weight_decay_norm_and_bias: bool = True  # false excludes norm and bias parameters
+
+    def __post_init__(self):
+        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
 
 
 @dataclass
@@ -116,6 +222,16 @@ class ScheduleConfig:
     decay_steps: List[int] = field(default_factory=lambda: [53440, 62820])
     decay_factor: float = 0.1
     final_lr_fraction: float = 0.0  # cosine: the lr at the last step, as a fraction of base_lr
+
+    def __post_init__(self):
+        _require(self.base_lr > 0, "base_lr", self.base_lr, "> 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.warmup_start_lr >= 0, "warmup_start_lr", self.warmup_start_lr, ">= 0")
+        _one_of("kind", self.kind, SCHEDULES)
+        steps = self.decay_steps
+        _require(sorted(steps) == steps and all(s > 0 for s in steps), "decay_steps", steps, "increasing positive steps")
+        _require(0 < self.decay_factor <= 1, "decay_factor", self.decay_factor, "in (0, 1]")
+        _require(0 <= self.final_lr_fraction <= 1, "final_lr_fraction", self.final_lr_fraction, "in [0, 1]")
 
 
 @dataclass
@@ -134,12 +250,42 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        _require(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, ">= 0")
+        _require(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        _one_of("precision", self.precision, PRECISIONS)
+        _require(self.grad_clip_norm >= 0, "grad_clip_norm", self.grad_clip_norm, ">= 0")
+        _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
+
+
+@dataclass
+class PostprocessConfig:
+    """Detections from the head's outputs; the defaults are the reference recipe's."""
+
+    pre_nms_top_k: int = 5000
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections_per_class: int = 100
+    max_detections: int = 100
+
+    def __post_init__(self):
+        for name in ("pre_nms_top_k", "max_detections_per_class", "max_detections"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        _require(0 <= self.score_threshold <= 1, "score_threshold", self.score_threshold, "in [0, 1]")
+        _require(0 < self.nms_iou <= 1, "nms_iou", self.nms_iou, "in (0, 1]")
+
 
 @dataclass
 class EvalConfig(PostprocessConfig):
-    """Post-processing knobs (defaults: the reference recipe) plus the evaluation batch."""
+    """Post-processing knobs plus the evaluation batch."""
 
     batch_size: int = 8  # global evaluation batch; the last one is padded, never dropped
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.batch_size > 0, "batch_size", self.batch_size, "> 0")
 
 
 @dataclass
@@ -148,6 +294,13 @@ class RuntimeConfig:
     num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: torch_xla profiler trace of those train steps
+
+    def __post_init__(self):
+        _one_of("device", self.device, DEVICES)
+        _require(self.num_devices is None or self.num_devices >= 1, "num_devices", self.num_devices, ">= 1 or null")
+        profile = self.profile_steps
+        valid = profile is None or (len(profile) == 2 and 1 <= profile[0] <= profile[1])
+        _require(valid, "profile_steps", profile, "[first, last] with 1 <= first <= last, or null")
 
 
 @dataclass
@@ -161,18 +314,6 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-CHOICES = {
-    "data.label_mapping": ("contiguous", "raw"),
-    "model.backbone.norm": ("frozen_bn", "bn", "cross_replica_bn", "gn"),
-    "model.backbone.name": BACKBONES,
-    "model.head.norm": ("none", "gn"),
-    "loss.box_loss": ("smooth_l1", "huber", "l1", "giou"),
-    "train.precision": ("bf16", "fp32"),
-    "train.schedule.kind": ("step", "cosine"),
-    "runtime.device": ("xla", "cpu", "cuda"),
-}
 
 
 def all_keys(cls=Config, prefix: str = "") -> List[str]:
@@ -254,8 +395,8 @@ def _build(cls, data: Dict[str, Any], prefix: str, where: str):
             values[name] = _convert(data[name], hint, key, where)
     try:
         return cls(**values)
-    except ValueError as error:  # a section's own validation (e.g. Augmentation)
-        raise ConfigError(f"{where}: {prefix.rstrip('.')}: {error}") from None
+    except InvalidValue as error:  # the section's own validation names the field
+        raise ConfigError(f"{where}: {prefix}{error}") from None
 
 
 def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
@@ -308,48 +449,6 @@ def parse_override(text: str) -> Dict[str, Any]:
     return nested
 
 
-def _check_values(config: Config, where: str) -> None:
-    for key, allowed in CHOICES.items():
-        value = config
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
-    positive = {
-        "train.batch_size": config.train.batch_size,
-        "train.steps": config.train.steps,
-        "train.log_every": config.train.log_every,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "data.max_boxes": config.data.max_boxes,
-        "model.num_classes": config.model.num_classes,
-        "model.fpn_channels": config.model.fpn_channels,
-        "train.schedule.base_lr": config.train.schedule.base_lr,
-        "eval.batch_size": config.eval.batch_size,
-        "eval.pre_nms_top_k": config.eval.pre_nms_top_k,
-        "eval.max_detections": config.eval.max_detections,
-        "eval.max_detections_per_class": config.eval.max_detections_per_class,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{where}: {key} must be > 0, got {value}")
-    size = config.data.image_size
-    if len(size) != 2 or min(size) < 32:
-        raise ConfigError(f"{where}: data.image_size must be [height, width] with both >= 32, got {size}")
-    if config.runtime.num_devices is not None and config.runtime.num_devices < 1:
-        raise ConfigError(f"{where}: runtime.num_devices must be >= 1 or null, got {config.runtime.num_devices}")
-    profile = config.runtime.profile_steps
-    if profile is not None and (len(profile) != 2 or not 1 <= profile[0] <= profile[1]):
-        raise ConfigError(f"{where}: runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got {profile}")
-    if not 0.0 <= config.train.ema_decay < 1.0:
-        raise ConfigError(f"{where}: train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
-    if config.train.keep_checkpoints < 0:
-        raise ConfigError(f"{where}: train.keep_checkpoints must be >= 0, got {config.train.keep_checkpoints}")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"{where}: data.num_workers must be >= 0, got {config.data.num_workers}")
-    if sorted(config.train.schedule.decay_steps) != config.train.schedule.decay_steps:
-        raise ConfigError(f"{where}: train.schedule.decay_steps must be increasing, got {config.train.schedule.decay_steps}")
-
-
 def load_config(
     path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults"
 ) -> Config:
@@ -363,9 +462,7 @@ def load_config(
         data = _merge(data, parse_override(text))
     if overrides:
         where += " with --set " + " ".join(overrides)
-    config = _build(Config, data, "", where)
-    _check_values(config, where)
-    return config
+    return _build(Config, data, "", where)
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from retinanet_xla.config import Config, ConfigError, all_keys, load_config
+from retinanet_xla.models import BACKBONES
 from tests.cli_helpers import run_cli
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -55,7 +56,19 @@ CASES = [
     ("", ["data.image_size=640"], "data.image_size must be a list of an integer, got 640"),
     ("", ["train.precision=fp16"], "train.precision must be one of bf16, fp32, got 'fp16'"),
     ("", ["train.batch_size=0"], "train.batch_size must be > 0, got 0"),
-    ("", ["data.augmentation.scale_min=3"], "data.augmentation: scale jitter needs 0 < scale_min <= scale_max, got [3.0, 2.0]"),
+    ("", ["data.augmentation.scale_min=3"], "data.augmentation.scale_max must be >= scale_min (3.0), got 2.0"),
+    # Values each section refused only late, with a traceback, or never.
+    (
+        "",
+        ["model.matcher.positive_threshold=0.3", "model.matcher.negative_threshold=0.6"],
+        "model.matcher.negative_threshold must be in [0, positive_threshold (0.3)], got 0.6",
+    ),
+    ("", ["loss.focal_gamma=-1"], "loss.focal_gamma must be >= 0, got -1.0"),
+    ("", ["model.head.convs=-1"], "model.head.convs must be >= 0, got -1"),
+    ("", ["train.optimizer.momentum=5"], "train.optimizer.momentum must be in [0, 1), got 5.0"),
+    ("", ["eval.score_threshold=2"], "eval.score_threshold must be in [0, 1], got 2.0"),
+    ("", ["model.backbone.norm=batch"], "model.backbone.norm must be one of frozen_bn, bn, cross_replica_bn, gn, got 'batch'"),
+    ("", ["train.schedule.decay_steps=[5,3]"], "train.schedule.decay_steps must be increasing positive steps, got [5, 3]"),
     ("train: [1, 2\n", [], "not valid YAML at line 2"),
     ("extends: missing.yaml\n", [], "config file does not exist"),
     (
@@ -144,3 +157,12 @@ def test_configuration_doc_lists_every_key_with_its_default():
         elif isinstance(value, (int, float, str)):
             spellings = {f"`{value}`"} | ({f"`{value:g}`"} if isinstance(value, float) else set())
             assert any(s in row for s in spellings), row
+
+
+def test_an_unknown_backbone_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    """Backbone names are checked where they are defined (models.bodies), when the model is built."""
+    result = run_cli(capsys, monkeypatch, "bench", write(tmp_path, ""), "--set", "model.backbone.name=resnet42")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: model: backbone must be one of " + ", ".join(BACKBONES) + ", got 'resnet42'"
+    ]

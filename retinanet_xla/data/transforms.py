@@ -5,39 +5,12 @@ with every augmentation). The output canvas is filled from the top-left; padding
 right, so mapping a prediction back is a single division by the recorded scale.
 """
 
-from dataclasses import dataclass
 from typing import Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-
-@dataclass
-class Augmentation:
-    """Training augmentation knobs. Defaults are the reference recipe's (scale jitter 0.5-2.0,
-    horizontal flip) plus mild colour jitter; each strength is the maximum relative change
-    (hue: fraction of the colour circle). 0 switches a jitter off."""
-
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    hflip_probability: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
-    min_box_size: float = 1.0  # boxes narrower or shorter than this (pixels) after cropping are dropped
-
-    def __post_init__(self):
-        if not 0 < self.scale_min <= self.scale_max:
-            raise ValueError(f"scale jitter needs 0 < scale_min <= scale_max, got [{self.scale_min}, {self.scale_max}]")
-        if not 0 <= self.hflip_probability <= 1:
-            raise ValueError(f"hflip_probability must be in [0, 1], got {self.hflip_probability}")
-        for name in ("brightness", "contrast", "saturation"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"hue jitter must be in [0, 0.5], got {self.hue}")
-
+from retinanet_xla.config import Augmentation
 
 NO_AUGMENTATION = Augmentation(
     scale_min=1.0, scale_max=1.0, hflip_probability=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0

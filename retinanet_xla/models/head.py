@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-HEAD_NORMS = ("none", "gn")
+from retinanet_xla.config import HEAD_NORMS
 
 
 def _conv_tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:

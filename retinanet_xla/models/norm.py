@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-NORMS = ("frozen_bn", "bn", "cross_replica_bn", "gn")
+from retinanet_xla.config import BACKBONE_NORMS as NORMS
+
 GROUP_NORM_GROUPS = 32
 
 

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retinanet_xla.config import BOX_LOSSES
 from retinanet_xla.ops.box_coder import BoxCoder
 from retinanet_xla.ops.boxes import generalized_box_iou_pairwise
 from retinanet_xla.ops.matcher import BACKGROUND, FOREGROUND, AnchorMatcher
-
-BOX_LOSSES = ("smooth_l1", "huber", "l1", "giou")
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:

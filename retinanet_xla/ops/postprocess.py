@@ -7,13 +7,13 @@ per-class and per-image caps. NMS output sizes depend on the data, which is why 
 the device (the export issue moves a fixed-size NMS into the graph).
 """
 
-from dataclasses import dataclass
 from typing import List, NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import nms
 
+from retinanet_xla.config import PostprocessConfig
 from retinanet_xla.ops.box_coder import BoxCoder
 
 
@@ -27,15 +27,6 @@ class Detections(NamedTuple):
     boxes: Tensor  # [N, 4]
     scores: Tensor  # [N]
     labels: Tensor  # [N]
-
-
-@dataclass
-class PostprocessConfig:
-    pre_nms_top_k: int = 5000
-    score_threshold: float = 0.05
-    nms_iou: float = 0.5
-    max_detections_per_class: int = 100
-    max_detections: int = 100
 
 
 def select_candidates(
