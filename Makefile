@@ -22,6 +22,7 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Eager unit tests only (seconds): the math, without XLA compilation.
 test-fast: $(STAMP)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from retinanet_xla.commands.bench import benchmark
 from retinanet_xla.config import load_config
-from retinanet_xla.engine.bench import benchmark
 from retinanet_xla.models import BACKBONES, RetinaNet
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from retinanet_xla.commands.bench import benchmark, synthetic_batches
 from retinanet_xla.config import load_config
-from retinanet_xla.engine.bench import benchmark, synthetic_batches
 from retinanet_xla.models.bodies import ClassifierBody
 
 TORCHVISION_HEAD_CONVS = 4  # fixed in torchvision's RetinaNetHead

@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from retinanet_xla import __version__
+from retinanet_xla.commands.data import data_app
 from retinanet_xla.config import load_config
-from retinanet_xla.data.commands import data_app
 from retinanet_xla.errors import ConfigError, RunFailed, RunStopped, UserError
 
 app = typer.Typer(
@@ -59,7 +59,7 @@ def train(
 
     Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
     checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
-    from retinanet_xla.engine.trainer import train as run_training
+    from retinanet_xla.commands.train import train as run_training
 
     settings = load_config(config, _with_devices(overrides, devices))
     summary = run_training(settings, output or Path(settings.train.output_dir), resume)
@@ -81,7 +81,7 @@ def bench(
 ) -> None:
     """Time the training step on synthetic batches (no dataset), on every local XLA device as train
     would: compile time, step time, images/s."""
-    from retinanet_xla.engine.bench import benchmark
+    from retinanet_xla.commands.bench import benchmark
 
     settings = load_config(config, _with_devices(overrides, devices))
     result = benchmark(settings, steps, input_pipeline)
@@ -114,7 +114,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from retinanet_xla.engine.evaluation_run import evaluate_checkpoint
+    from retinanet_xla.commands.evaluate import evaluate_checkpoint
 
     if (data is None) != (images is None):
         raise ConfigError("--data and --images go together")
@@ -139,8 +139,8 @@ def predict(
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Draw detections on images (PNG) and write them all to one JSON file."""
-    from retinanet_xla.engine.inference import load_for_inference
-    from retinanet_xla.evaluation.predict import predict as run_predict
+    from retinanet_xla.inference.loading import load_for_inference
+    from retinanet_xla.inference.predict import predict as run_predict
 
     loaded = load_for_inference(checkpoint, overrides)
     try:

@@ -10,6 +10,8 @@ and the command line maps them to exit codes without being asked which errors ar
   saved before is intact.
 """
 
+import signal
+
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75
@@ -31,6 +33,11 @@ class DatasetError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file or run directory."""
+
+
+# The signals that ask a run to stop (a Cloud TPU VM's preemption notice, Ctrl-C): the launcher
+# turns them into a stop request, and data-loading workers leave them to their parent.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RunStopped(RuntimeError):

@@ -5,7 +5,7 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 import torch_xla  # noqa: E402
 
-from retinanet_xla.engine.runtime import prefer_nonblocking_cpu_client  # noqa: E402
+from retinanet_xla.xla.runtime import prefer_nonblocking_cpu_client  # noqa: E402
 
 prefer_nonblocking_cpu_client()  # as every Runtime does; before the client below exists
 

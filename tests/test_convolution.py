@@ -4,7 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinanet_xla.models import RetinaNet
-from retinanet_xla.models.convolution import XlaCpuConv2d, convolution_as_matmul, use_xla_cpu_convolutions
+from retinanet_xla.xla.cpu_convolution import XlaCpuConv2d, convolution_as_matmul, use_xla_cpu_convolutions
+from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
+from retinanet_xla.xla.cpu_pooling import StemMaxPool
 
 
 @pytest.mark.parametrize(
@@ -38,13 +40,22 @@ def test_only_plain_convolutions_are_converted_and_the_state_dict_stays():
     assert [type(m) is XlaCpuConv2d for m in model] == [True, False, False, False, False]
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 4, 5, 5)
-    assert torch.equal(model[0](x), F.conv2d(x, model[0].weight, model[0].bias, 1, 1))  # off XLA: conv2d itself
+    assert torch.equal(model[0](x), F.conv2d(x, model[0].weight, model[0].bias, 1, 1))  # 50 pixels > 8 channels: conv2d
 
 
-def test_retinanet_uses_them_everywhere():
+def test_the_model_has_plain_modules_and_the_adapter_converts_them():
+    """RetinaNet is torchvision's modules on every backend; only the XLA:CPU adapter (applied
+    where a step is built on XLA:CPU) swaps in the kernels, keeping the state dict."""
     model = RetinaNet(num_classes=3, backbone="resnet18", fpn_channels=32, head_convs=1, backbone_norm="bn", freeze_at=0)
+    kinds = {type(m) for m in model.modules()}
+    assert XlaCpuConv2d not in kinds and StemMaxPool not in kinds and "XlaCpu" not in repr(model)
+    assert type(model.backbone.body.maxpool) is nn.MaxPool2d
+    keys = list(model.state_dict())
+    assert use_xla_cpu_kernels(model) is model
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is XlaCpuConv2d for m in convs)
+    assert type(model.backbone.body.maxpool) is StemMaxPool
+    assert list(model.state_dict()) == keys
 
 
 @pytest.mark.xla
@@ -64,3 +75,36 @@ def test_on_cpu_xla_small_outputs_become_a_matmul_and_large_ones_stay_convolutio
         assert (" dot(" in hlo) is expect_matmul
         assert (" convolution(" in hlo) is not expect_matmul
         torch.testing.assert_close(y.cpu(), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.xla
+def test_the_train_step_built_on_xla_cpu_uses_the_cpu_kernels():
+    """build_train_step places the model through the runtime: on XLA:CPU its step has layer4's
+    convolutions as matrix products and no select-and-scatter; the model built by build_model
+    alone stays torchvision's."""
+    import torch_xla
+
+    from retinanet_xla.config import load_config
+    from retinanet_xla.models import build_model
+    from retinanet_xla.training.build import build_train_step
+    from retinanet_xla.xla.runtime import Runtime
+    from tests.cli_helpers import ROOT, TINY
+
+    config = load_config(ROOT / "configs" / "smoke.yaml", TINY)
+    assert not any(isinstance(m, (XlaCpuConv2d, StemMaxPool)) for m in build_model(config).modules())
+    runtime = Runtime("xla")
+    assert runtime.is_xla_cpu
+    step = build_train_step(config, runtime)
+    assert isinstance(step.model.backbone.body.maxpool, StemMaxPool)
+    assert isinstance(step.model.backbone.body.layer4[1].conv2, XlaCpuConv2d)
+    batch = {
+        "images": torch.zeros(4, 3, 64, 64, dtype=torch.uint8, device=runtime.device),
+        "boxes": torch.tensor([[[4.0, 4.0, 30.0, 30.0]] * 4] * 4, device=runtime.device),
+        "labels": torch.zeros(4, 4, dtype=torch.int64, device=runtime.device),
+        "crowd": torch.zeros(4, 4, dtype=torch.bool, device=runtime.device),
+    }
+    outputs = step(batch)
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo([outputs["loss"], *step.optimizer.params])
+    assert "select-and-scatter" not in hlo
+    assert " dot(" in hlo  # layer4 at 2x2 pixels x 4 images < 512 channels: a matrix product
+    runtime.sync()  # leave no pending graph

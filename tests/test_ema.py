@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from retinanet_xla.engine.ema import WeightAverage
+from retinanet_xla.training.ema import WeightAverage
 
 
 def _device(kind: str) -> torch.device:

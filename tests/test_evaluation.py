@@ -7,8 +7,8 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
-from retinanet_xla.evaluation.evaluator import ShardDetections
+from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
+from retinanet_xla.inference.evaluator import ShardDetections
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Detections, PostprocessConfig, filter_detections, per_class_nms, select_candidates
 
@@ -99,7 +99,7 @@ def test_per_class_cap_and_content_clipping():
 
 
 def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
-    from retinanet_xla.evaluation.evaluator import Evaluator
+    from retinanet_xla.inference.evaluator import Evaluator
 
     config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2"])
     coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
@@ -128,7 +128,7 @@ def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
 def test_gathered_shards_come_back_in_split_order(synthetic):
     """Replica shards are interleaved by batch (``EvalSampler``); the master's list is in split
     order, each image's detections in their own order, whatever the number of replicas."""
-    from retinanet_xla.evaluation.evaluator import Evaluator
+    from retinanet_xla.inference.evaluator import Evaluator
 
     config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2", "eval.max_detections=3"])
     coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])

@@ -8,11 +8,11 @@ import torch
 
 from retinanet_xla.config import load_config
 from retinanet_xla.data.coco import CategoryMapping
-from retinanet_xla.engine.build import build_model
-from retinanet_xla.engine.checkpoint import save_checkpoint
 from retinanet_xla.export.detector import fixed_size_detections
 from retinanet_xla.export.formats import FORMATS, Exported, run_exported
+from retinanet_xla.models import build_model
 from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, filter_detections
+from retinanet_xla.rundir.checkpoint import save_checkpoint
 from tests.cli_helpers import ROOT, run_cli
 
 

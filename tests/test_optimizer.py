@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from retinanet_xla.config import OptimizerConfig, ScheduleConfig
-from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.training.optimizer import SGD, LearningRateSchedule, parameter_groups
 
 
 def small_model():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinanet_xla.models import ClassifierBody
-from retinanet_xla.models.pooling import StemMaxPool, is_stem_max_pool, separable_max_pool_3x3_stride_2
+from retinanet_xla.xla.cpu_pooling import StemMaxPool, is_stem_max_pool, separable_max_pool_3x3_stride_2, use_separable_stem_pools
 
 SHAPES = [(2, 3, 16, 16), (2, 3, 15, 17), (1, 2, 7, 6), (2, 4, 1, 1), (2, 4, 2, 3)]
 
@@ -72,10 +72,12 @@ def test_stem_pool_on_xla_avoids_select_and_scatter_and_matches_eager():
     assert torch.equal(grad_x.cpu(), expected_grad)
 
 
-def test_resnet_bodies_use_the_stem_pool_and_keep_torchvision_keys():
+def test_only_the_adapter_puts_the_stem_pool_into_a_resnet_body_and_keys_stay():
     from torchvision import models
 
     body = ClassifierBody("resnet18", norm="bn")
+    assert type(body.maxpool) is nn.MaxPool2d
+    use_separable_stem_pools(body)
     assert isinstance(body.maxpool, StemMaxPool)
     reference = {k for k in models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}
     assert set(body.state_dict()) == reference

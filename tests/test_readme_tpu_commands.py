@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.engine.checkpoint import load_checkpoint
+from retinanet_xla.rundir.checkpoint import load_checkpoint
 from tests.cli_helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.xla

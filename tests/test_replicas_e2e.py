@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from retinanet_xla.config import load_config
-from retinanet_xla.engine.build import build_model
-from retinanet_xla.engine.checkpoint import load_checkpoint
+from retinanet_xla.models import build_model
+from retinanet_xla.rundir.checkpoint import load_checkpoint
 from tests.cli_helpers import ROOT, SCRIPT, TINY, run_cli, train_command
 
 pytestmark = pytest.mark.xla
@@ -227,7 +227,7 @@ def test_bench_runs_one_replica_per_device(tmp_path):
 
 def test_a_failing_replica_ends_the_run_quickly_with_its_message(tmp_path):
     script = (
-        "from retinanet_xla.engine.replicas import launch\n"
+        "from retinanet_xla.distributed.launch import launch\n"
         "from tests.replica_faults import fail_on_replica_1\n"
         "launch(fail_on_replica_1, ())\n"
     )

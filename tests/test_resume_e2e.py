@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retinanet_xla.engine.checkpoint import load_checkpoint
+from retinanet_xla.rundir.checkpoint import load_checkpoint
 from tests.cli_helpers import train_command
 
 pytestmark = pytest.mark.xla

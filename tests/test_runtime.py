@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retinanet_xla.data import DatasetError
-from retinanet_xla.engine.runtime import Runtime, prefer_nonblocking_cpu_client
+from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client
 
 
 def failing_host_batches():

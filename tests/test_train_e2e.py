@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from retinanet_xla.config import load_config
-from retinanet_xla.engine.checkpoint import load_checkpoint
-from tests.cli_helpers import SCRIPT, train_command
+from retinanet_xla.rundir.checkpoint import load_checkpoint
+from tests.cli_helpers import SCRIPT, run_cli, train_command
 
 pytestmark = pytest.mark.xla
 
@@ -177,3 +178,67 @@ def test_predict_draws_and_writes_detections(trained, tmp_path):
         env=env,
     )
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such image or directory"
+
+
+def eval_and_predict(capsys, monkeypatch, run, output, *overrides):
+    """Detections of ``eval RUN`` and ``predict RUN VAL_DIR`` at the same score threshold, per
+    val image file name: ``(x, y, w, h, score)`` as each command writes them."""
+    settings = [item for override in ("eval.score_threshold=0.0", *overrides) for item in ("--set", override)]
+    evaluated = run_cli(capsys, monkeypatch, "eval", run, "--output", output / "eval", *settings)
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    predicted = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        run,
+        run / "synthetic" / "val",
+        "--output",
+        output / "pred",
+        "--score-threshold",
+        "0.0",
+        *settings,
+    )
+    assert predicted.exit_code == 0, predicted.stderr[-3000:]
+    names = {
+        image["id"]: image["file_name"]
+        for image in json.loads((run / "synthetic/annotations/instances_val.json").read_text())["images"]
+    }
+    from_eval = {}
+    for detection in json.loads((output / "eval" / "detections.json").read_text()):
+        from_eval.setdefault(names[detection["image_id"]], []).append((*detection["bbox"], detection["score"]))
+    written = json.loads((output / "pred" / "detections.json").read_text())
+    from_predict = {
+        Path(entry["file"]).name: [(*d["bbox"], d["score"]) for d in entry["detections"]] for entry in written["images"]
+    }
+    return json.loads((output / "eval" / "metrics.json").read_text()), written, from_eval, from_predict
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_and_predict_give_the_same_boxes_and_scores(trained, tmp_path, capsys, monkeypatch, precision):
+    """One inference path: the same model, precision and post-processing for both commands."""
+    output, _ = trained
+    _, _, from_eval, from_predict = eval_and_predict(capsys, monkeypatch, output, tmp_path, f"train.precision={precision}")
+    assert len(from_predict) == 7 and sum(map(len, from_predict.values())) > 7
+    for name, found in from_predict.items():
+        expected = sorted(from_eval.get(name, []))
+        assert [row[:4] for row in expected] == [row[:4] for row in sorted(found)], name  # boxes, to the written 0.01 px
+        # Scores: eval writes 5 decimals, predict 4, from the same float.
+        assert [row[4] for row in sorted(found)] == pytest.approx([row[4] for row in expected], abs=5.1e-5), name
+
+
+def test_eval_predict_and_export_of_a_run_skip_an_unusable_newest_checkpoint(trained, tmp_path, capsys, monkeypatch, caplog):
+    """The rule resume uses: a truncated newest checkpoint is reported and the one before it used."""
+    output, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(output, run, ignore=shutil.ignore_patterns("tensorboard", "eval", "export"))
+    newest = run / "checkpoints" / "step_00000013.pt"
+    newest.write_bytes((run / "checkpoints" / "step_00000012.pt").read_bytes()[:5000])  # cut off mid-write
+    metrics, written, _, _ = eval_and_predict(capsys, monkeypatch, run, tmp_path)
+    valid = str(run / "checkpoints" / "step_00000012.pt")
+    assert metrics["checkpoint"] == valid and metrics["step"] == 12
+    assert written["checkpoint"] == valid
+    exported = run_cli(capsys, monkeypatch, "export", run, "--format", "torchscript")
+    assert exported.exit_code == 0, exported.stderr[-3000:]
+    skipped = [record.getMessage() for record in caplog.records if "skipping unusable checkpoint" in record.getMessage()]
+    assert len(skipped) == 3 and all(str(newest) in message for message in skipped)  # eval, predict, export
+    assert (run / "export" / "step_00000012" / "model.torchscript.pt").is_file()

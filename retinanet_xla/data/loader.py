@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from retinanet_xla.data.dataset import PADDING_INDEX, DetectionDataset, collate
-from retinanet_xla.engine.preemption import SIGNALS as STOP_SIGNALS
+from retinanet_xla.errors import STOP_SIGNALS
 
 
 def _check_shard(num_replicas: int, rank: int, batch_size: int) -> None:

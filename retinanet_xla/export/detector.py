@@ -11,31 +11,9 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from retinanet_xla.models import RetinaNet
-from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, per_class_nms, select_candidates
-
-
-class CandidateDetector(nn.Module):
-    """Images [B, 3, H, W] (uint8 pixels, or already normalised floats) and the size of each
-    image's content inside the canvas [B, 2] (height, width) -> the fixed-size candidates
-    (boxes [B, K, 4], scores [B, K], labels [B, K], K = ``pre_nms_top_k``), sorted by score.
-    Static shapes only: what StableHLO can express."""
-
-    def __init__(
-        self, model: RetinaNet, image_size: Tuple[int, int], box_coder: BoxCoder, pre_nms_top_k: int, uint8_input: bool = True
-    ):
-        super().__init__()
-        self.model, self.box_coder, self.pre_nms_top_k, self.uint8_input = model.eval(), box_coder, pre_nms_top_k, uint8_input
-        self.register_buffer("anchors", model.anchors(tuple(image_size)), persistent=False)
-
-    def forward(self, images: Tensor, content_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        pixels = self.model.normalize(images) if self.uint8_input else images
-        outputs = self.model(pixels)
-        found = select_candidates(
-            outputs["cls_logits"], outputs["bbox_regression"], self.anchors, self.box_coder, self.pre_nms_top_k, content_sizes
-        )
-        return found.boxes, found.scores, found.labels
+from retinanet_xla.config import PostprocessConfig
+from retinanet_xla.inference.detector import CandidateDetector
+from retinanet_xla.ops.postprocess import Candidates, per_class_nms
 
 
 class Detector(nn.Module):

@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from retinanet_xla.config import ConfigError
-from retinanet_xla.engine.inference import LoadedModel
-from retinanet_xla.export.detector import CandidateDetector, Detector
+from retinanet_xla.export.detector import Detector
+from retinanet_xla.inference.detector import CandidateDetector
+from retinanet_xla.inference.detector import Detector as PackageDetector
+from retinanet_xla.inference.loading import LoadedModel
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections
 
@@ -45,7 +47,7 @@ def build_detectors(loaded: LoadedModel, uint8_input: bool) -> Tuple[CandidateDe
     model = loaded.model.cpu().float().eval()
     candidates = CandidateDetector(
         model, tuple(config.data.image_size), BoxCoder(config.model.box_coder_weights), config.eval.pre_nms_top_k, uint8_input
-    )
+    ).eval()
     return candidates, Detector(candidates, config.eval, config.model.num_classes).eval()
 
 
@@ -180,9 +182,10 @@ def run_exported(exported: Exported, images: Tensor, content_sizes: Tensor) -> L
 def compare_with_package(loaded: LoadedModel, exported: Exported, images: Tensor, content_sizes: Tensor) -> Dict[str, float]:
     """Run the exported artefact and the in-package model (the evaluation path: candidates on
     the device, NMS on the host) on the same images; the largest differences found."""
-    candidates, _ = build_detectors(loaded, uint8_input=images.dtype == torch.uint8)
+    # The artefact computes in float32 whatever the training precision was.
+    package = PackageDetector(loaded.model, loaded.config, loaded.runtime, "fp32", uint8_input=images.dtype == torch.uint8)
+    expected = package(images.to(loaded.runtime.device), content_sizes.to(loaded.runtime.device))
     with torch.no_grad():
-        expected = filter_detections(Candidates(*candidates(images, content_sizes)), loaded.config.eval)
         outputs = run_exported(exported, images, content_sizes)
     if exported.with_nms:
         boxes, scores, labels, count = outputs

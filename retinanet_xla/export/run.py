@@ -6,9 +6,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from retinanet_xla.data import DetectionDataset, collate
-from retinanet_xla.engine.inference import load_for_inference
-from retinanet_xla.engine.trainer import dataset_split
+from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.export.formats import Exported, compare_with_package, export
+from retinanet_xla.inference.loading import load_for_inference
 
 
 def export_checkpoint(

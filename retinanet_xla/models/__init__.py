@@ -2,6 +2,7 @@
 
 from retinanet_xla.models.backbone import BackboneWithFPN, FeaturePyramid
 from retinanet_xla.models.bodies import BACKBONES, ClassifierBody
+from retinanet_xla.models.build import build_model
 from retinanet_xla.models.head import RetinaNetHead
 from retinanet_xla.models.norm import CrossReplicaBatchNorm2d, set_replica_averaging
 from retinanet_xla.models.retinanet import RetinaNet
@@ -14,5 +15,6 @@ __all__ = [
     "FeaturePyramid",
     "RetinaNet",
     "RetinaNetHead",
+    "build_model",
     "set_replica_averaging",
 ]

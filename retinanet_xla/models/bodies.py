@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from torchvision import models
 
 from retinanet_xla.models.norm import convert_batch_norm, freeze_batch_norm
-from retinanet_xla.models.pooling import StemMaxPool, is_stem_max_pool
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
 # name -> (top-level children that form the trunk, children flattened into blocks, classifier key prefixes)
@@ -48,9 +47,7 @@ class ClassifierBody(nn.Module):
         trunk, flattened, self.classifier_prefixes = FAMILIES[name]
         network = convert_batch_norm(getattr(models, name)(weights=None), norm)
         for child in trunk:
-            module = getattr(network, child)
-            # ResNet's stem pool; its gradient was the slowest op of the step on XLA:CPU (pooling.py).
-            self.add_module(child, StemMaxPool() if is_stem_max_pool(module) else module)
+            self.add_module(child, getattr(network, child))
         # Blocks in order, as paths below this module: the unit of stride probing and freezing.
         self.block_paths: List[str] = []
         for child in trunk:

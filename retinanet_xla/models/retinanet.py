@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from retinanet_xla.models.backbone import BackboneWithFPN
-from retinanet_xla.models.convolution import use_xla_cpu_convolutions
 from retinanet_xla.models.head import RetinaNetHead
 from retinanet_xla.ops.anchors import AnchorGenerator
 
@@ -67,7 +66,6 @@ class RetinaNet(nn.Module):
         self.head = RetinaNetHead(
             fpn_channels, self.anchor_generator.num_anchors_per_location, num_classes, head_convs, head_norm, prior_probability
         )
-        use_xla_cpu_convolutions(self)  # same parameters; only XLA:CPU computes differently
         # Not part of the state dict, so torchvision checkpoints load with strict=True.
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from retinanet_xla.errors import STOP_SIGNALS
 
 
 def stop_file(output_dir: Path) -> Path:
@@ -48,7 +48,7 @@ class PreemptionGuard:
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
-            for number in SIGNALS:
+            for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 

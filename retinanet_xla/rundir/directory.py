@@ -1,11 +1,13 @@
 """The ``OUTPUT/checkpoints`` directory: naming, finding the newest valid checkpoint, and
-keeping only the last K."""
+keeping only the last K. ``open_checkpoint`` is how every command (train's resume, eval,
+predict, export) turns a run directory into a checkpoint: one rule."""
 
 import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from retinanet_xla.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from retinanet_xla.errors import CheckpointError
+from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 BEST = "best.pt"
@@ -44,3 +46,15 @@ class CheckpointDirectory:
         path = self.path / BEST
         save_checkpoint(path, payload)
         return path
+
+
+def open_checkpoint(path: Path) -> Tuple[Path, Dict[str, Any]]:
+    """A checkpoint file as given, or a run directory's newest valid step checkpoint (unusable
+    newer ones are reported and skipped, as resume does), with its payload."""
+    path = Path(path)
+    if not path.is_dir():
+        return path, load_checkpoint(path)
+    found = CheckpointDirectory(path).newest_valid()
+    if found is None:
+        raise CheckpointError(f"{path}: no usable checkpoints/step_*.pt in this run directory")
+    return found

@@ -5,12 +5,13 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from retinanet_xla.config import ConfigError
-from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
-from retinanet_xla.engine.inference import inference_config, load_for_inference
-from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
-from retinanet_xla.engine.trainer import dataset_split
-from retinanet_xla.evaluation.evaluator import Evaluator, default_eval_dir
+from retinanet_xla.data.splits import dataset_split
+from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.errors import ConfigError
+from retinanet_xla.inference.evaluator import Evaluator, default_eval_dir
+from retinanet_xla.inference.loading import inference_config, load_for_inference
+from retinanet_xla.rundir.directory import open_checkpoint
 
 
 def evaluate_checkpoint(
@@ -22,33 +23,28 @@ def evaluate_checkpoint(
 ) -> Tuple[Dict, Path]:
     """Writes ``detections.json`` and ``metrics.json`` (the 12 COCO numbers, AP per category and
     pycocotools' printed summary) and returns the metrics and the directory."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint, payload = open_checkpoint(checkpoint)
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
-    payload = load_checkpoint(checkpoint)
     config = inference_config(checkpoint, payload, overrides)
     output_dir = Path(output) if output else default_eval_dir(checkpoint)
-    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
-    if replicas is not None:
-        Replicas(world=replicas).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
+    count = local_replica_count(config.runtime.device, config.runtime.num_devices)
+    if count is not None:
+        Replicas(world=count).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
     coco = dataset_split(config, "val", checkpoint.parent.parent)  # checked, and written once if synthetic
     unknown = sorted(set(coco.mapping.category_ids) - set(payload["category_mapping"]["category_ids"]))
     if unknown:
         raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {checkpoint}")
     del payload  # each replica loads its own copy
-    if replicas == 1:
-        _evaluate_replica(Replicas(), checkpoint, overrides, output_dir)
-    else:
-        launch(_evaluate_replica, (checkpoint, overrides, output_dir), num_devices=config.runtime.num_devices)
-    return json.loads((output_dir / "metrics.json").read_text()), output_dir
+    return run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config), output_dir
 
 
-def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[str], output_dir: Path) -> None:
+def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[str], output_dir: Path) -> Optional[Dict]:
     loaded = load_for_inference(checkpoint, overrides, replicas)
     coco = dataset_split(loaded.config, "val", loaded.checkpoint.parent.parent)
     coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
     result = Evaluator(loaded.config, coco, loaded.runtime, replicas).evaluate(loaded.model)
     if result is None:  # not the master
-        return
+        return None
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "detections.json").write_text(json.dumps(result["detections"]))
     metrics = {
@@ -61,3 +57,4 @@ def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[
         "summary": result["summary"],
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

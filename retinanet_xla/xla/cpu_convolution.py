@@ -13,15 +13,14 @@ than the weight, and the convolution is computed here as ``weight[O, I*kh*kw] @ 
 N*Ho*Wo]``. The weight is used as it is stored, its gradient comes out in the same order, and
 only the small im2col matrix moves. The result is the convolution's to rounding.
 
-Only on XLA's CPU backend: eager PyTorch (oneDNN) and TPU convolutions have no such cost, and
-exports, which run on the host, see ordinary convolutions.
+Only on XLA's CPU backend: eager PyTorch (oneDNN) and TPU convolutions have no such cost. So
+the model is built with ``nn.Conv2d`` and ``cpu_kernels.use_xla_cpu_kernels`` converts it where
+the step is built on XLA:CPU; exports and every other backend see ordinary convolutions.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from retinanet_xla.models.backend import on_xla_cpu
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -51,15 +50,14 @@ def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> T
 
 
 class XlaCpuConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on XLA:CPU, computes small-output convolutions as a matrix product.
-    Same parameters and state dict."""
+    """``nn.Conv2d`` that computes small-output convolutions as a matrix product (for XLA:CPU
+    only: ``use_xla_cpu_convolutions``). Same parameters and state dict."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
-        if on_xla_cpu(x):
-            out_h = _output_size(x.shape[-2], weight.shape[2], self.stride[0], self.padding[0])
-            out_w = _output_size(x.shape[-1], weight.shape[3], self.stride[1], self.padding[1])
-            if x.shape[0] * out_h * out_w < weight.shape[0]:
-                return convolution_as_matmul(x, weight, bias, self.stride, self.padding)
+        out_h = _output_size(x.shape[-2], weight.shape[2], self.stride[0], self.padding[0])
+        out_w = _output_size(x.shape[-1], weight.shape[3], self.stride[1], self.padding[1])
+        if x.shape[0] * out_h * out_w < weight.shape[0]:
+            return convolution_as_matmul(x, weight, bias, self.stride, self.padding)
         return super()._conv_forward(x, weight, bias)
 
 

@@ -10,8 +10,9 @@ The result is ``max_pool2d``'s exactly, and so is the gradient's routing: PyTorc
 window's gradient to the first maximum in row-major order; the width pass keeps the first
 maximum of each row and the height pass the first row holding the window's maximum, which is
 the same element. Only the order in which overlapping windows' gradients are summed can differ
-(last bits). Only on XLA:CPU: elsewhere the module is plain ``F.max_pool2d`` (oneDNN's kernel
-is faster eagerly, TPUs have a native select-and-scatter, and export sees an ordinary MaxPool).
+(last bits). Only on XLA:CPU (``cpu_kernels.use_xla_cpu_kernels`` swaps it in where the step
+is built): oneDNN's kernel is faster eagerly, TPUs have a native select-and-scatter, and the
+model itself, and so every export, keeps torchvision's ``nn.MaxPool2d``.
 """
 
 from typing import Tuple
@@ -19,8 +20,6 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from retinanet_xla.models.backend import on_xla_cpu
 
 
 def _taps(x: Tensor, dim: int, outputs: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -77,13 +76,19 @@ def separable_max_pool_3x3_stride_2(x: Tensor) -> Tensor:
 
 
 class StemMaxPool(nn.Module):
-    """Drop-in for ResNet's ``nn.MaxPool2d(3, 2, 1)``: separable on XLA:CPU, native elsewhere
-    (TPUs have a native select-and-scatter)."""
+    """Drop-in for ResNet's ``nn.MaxPool2d(3, 2, 1)``, computed as two separable passes."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if on_xla_cpu(x):
-            return separable_max_pool_3x3_stride_2(x)
-        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return separable_max_pool_3x3_stride_2(x)
+
+
+def use_separable_stem_pools(model: nn.Module) -> None:
+    """Replace every ``nn.MaxPool2d(3, 2, 1)`` below ``model`` with ``StemMaxPool`` (in place;
+    pools have no parameters, so the state dict stays)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if is_stem_max_pool(child):
+                setattr(parent, name, StemMaxPool())
 
 
 def is_stem_max_pool(module: nn.Module) -> bool:

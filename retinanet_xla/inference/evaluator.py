@@ -11,12 +11,12 @@ from rich.progress import Progress
 from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
-from retinanet_xla.engine.replicas import Replicas
-from retinanet_xla.engine.runtime import Runtime
-from retinanet_xla.evaluation.coco_metrics import evaluate_detections, ground_truth
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
+from retinanet_xla.inference.detector import Detector
 from retinanet_xla.models import RetinaNet
-from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections, select_candidates, to_original_pixels
+from retinanet_xla.ops.postprocess import Detections, to_original_pixels
+from retinanet_xla.xla.runtime import Runtime
 
 
 class Evaluator:
@@ -45,31 +45,14 @@ class Evaluator:
             raise ValueError(
                 f"{coco.annotations_file}: {len(coco.records)} images; evaluation handles fewer than 2**24 per split"
             )
-        self.box_coder = BoxCoder(config.model.box_coder_weights)
         self.gt = ground_truth(coco.annotations_file) if replicas.is_master else None
-        self.anchors: Optional[torch.Tensor] = None
-
-    @torch.no_grad()
-    def _candidates(self, model: RetinaNet, batch: Dict[str, torch.Tensor]) -> Candidates:
-        if self.anchors is None:
-            self.anchors = model.anchors(tuple(self.config.data.image_size)).to(self.runtime.device)
-        content = (batch["original_size"].float() * batch["scale"][:, None]).round()
-        with self.runtime.autocast(self.config.train.precision):
-            outputs = model(model.normalize(batch["images"]))
-        return select_candidates(
-            outputs["cls_logits"],
-            outputs["bbox_regression"],
-            self.anchors,
-            self.box_coder,
-            self.config.eval.pre_nms_top_k,
-            content,
-        )
+        self.detector: Optional[Detector] = None
 
     def predict(self, model: RetinaNet) -> Optional[List[Dict]]:
         """COCO-format detections for every image of the split (each exactly once), in split
         order; None on replicas other than the master."""
-        was_training = model.training
-        model.eval()
+        if self.detector is None or self.detector.candidates.model is not model:
+            self.detector = Detector(model, self.config, self.runtime)
         shard = ShardDetections(self.capacity)
         keys = ("images", "original_size", "scale")
         progress = Progress(transient=True, disable=not self.show_progress)
@@ -77,11 +60,9 @@ class Evaluator:
             task = progress.add_task("eval", total=self.num_batches)
             for host_batch in self.loader:
                 device_batch = {k: host_batch[k].to(self.runtime.device) for k in keys}
-                candidates = self._candidates(model, device_batch)
-                self.runtime.sync()
-                self._collect(shard, filter_detections(candidates, self.config.eval), host_batch)
+                content = (device_batch["original_size"].float() * device_batch["scale"][:, None]).round()
+                self._collect(shard, self.detector(device_batch["images"], content), host_batch)
                 progress.advance(task)
-        model.train(was_training)
         rows = self._gather(shard.rows)
         return None if rows is None else self._to_coco(rows)
 

@@ -1,6 +1,7 @@
 """``retinanet-xla predict``: detections drawn on images, and one JSON with all of them."""
 
 import colorsys
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -11,9 +12,9 @@ from PIL import Image, ImageDraw
 
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import letterbox
-from retinanet_xla.engine.inference import LoadedModel
-from retinanet_xla.ops import BoxCoder
-from retinanet_xla.ops.postprocess import filter_detections, select_candidates, to_original_pixels
+from retinanet_xla.inference.detector import Detector
+from retinanet_xla.inference.loading import LoadedModel
+from retinanet_xla.ops.postprocess import to_original_pixels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -54,12 +55,11 @@ def draw(image: Image.Image, detections: List[Dict]) -> Image.Image:
 def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_threshold: float) -> Path:
     """Run the model on every image (batches padded to ``eval.batch_size``, so one graph), write
     ``output_dir/<name>.png`` per image and ``output_dir/detections.json``; return the JSON path."""
-    config, model, runtime = loaded.config, loaded.model, loaded.runtime
-    config.eval.score_threshold = score_threshold
+    config, runtime = loaded.config, loaded.runtime
+    postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size = tuple(config.data.image_size)
     batch_size = config.eval.batch_size
-    anchors = model.anchors(size).to(runtime.device)
-    coder = BoxCoder(config.model.box_coder_weights)
+    detector = Detector(loaded.model, config, runtime)
     output_dir.mkdir(parents=True, exist_ok=True)
     images = collect_images(paths)
     results = []
@@ -84,17 +84,8 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_
         for index, ((_, image), scale) in enumerate(zip(decoded, scales)):
             content[index] = torch.tensor([round(image.height * scale), round(image.width * scale)])
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
-        outputs = model(model.normalize(batch))
-        candidates = select_candidates(
-            outputs["cls_logits"],
-            outputs["bbox_regression"],
-            anchors,
-            coder,
-            config.eval.pre_nms_top_k,
-            content.to(runtime.device),
-        )
-        runtime.sync()
-        for (path, image), scale, found in zip(decoded, scales, filter_detections(candidates, config.eval)):
+        found_per_image = detector(batch, content.to(runtime.device), postprocess)
+        for (path, image), scale, found in zip(decoded, scales, found_per_image):
             boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
             ids = loaded.mapping.to_category_ids(found.labels.numpy())
             detections = [

@@ -6,11 +6,11 @@ from typing import Dict, Sequence
 
 from retinanet_xla.config import Config, load_config
 from retinanet_xla.data.coco import CategoryMapping
-from retinanet_xla.engine.build import build_model, build_runtime
-from retinanet_xla.engine.checkpoint import load_checkpoint, resolve_checkpoint
-from retinanet_xla.engine.replicas import Replicas
-from retinanet_xla.engine.runtime import Runtime
-from retinanet_xla.models import RetinaNet
+from retinanet_xla.distributed.launch import replica_runtime
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.models import RetinaNet, build_model
+from retinanet_xla.rundir.directory import open_checkpoint
+from retinanet_xla.xla.runtime import Runtime
 
 
 @dataclass
@@ -35,13 +35,12 @@ def inference_config(checkpoint: Path, payload: Dict, overrides: Sequence[str] =
 def load_for_inference(checkpoint: Path, overrides: Sequence[str] = (), replicas: Replicas = Replicas()) -> LoadedModel:
     """The checkpoint's config (with ``overrides``), its weights on this replica's device, in
     eval mode, and the category mapping it was trained with."""
-    checkpoint = resolve_checkpoint(checkpoint)
-    payload = load_checkpoint(checkpoint)
+    checkpoint, payload = open_checkpoint(checkpoint)
     config = inference_config(checkpoint, payload, overrides)
-    runtime = build_runtime(config, replicas)
+    runtime = replica_runtime(config, replicas)
     model = build_model(config)
     # The weight average, when the run kept one, is the model to use (as the TF reference does).
     model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])
-    model.to(runtime.device).eval()
+    runtime.place_model(model).eval()
     mapping = CategoryMapping.from_dict(payload["category_mapping"])
     return LoadedModel(checkpoint, payload["step"], config, mapping, runtime, model, "ema" in payload)

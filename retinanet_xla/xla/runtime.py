@@ -2,85 +2,31 @@
 eager CPU/CUDA. Everything XLA-specific the loop needs sits behind this one class."""
 
 import contextlib
-import logging
+import functools
 import os
-import queue
-import threading
-import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Protocol
 
 import torch
+from torch import nn
 
-logger = logging.getLogger(__name__)
+from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
+from retinanet_xla.xla.feed import DeviceFeed, TimedBatches
 
 
-def _compile_progress() -> int:
-    """Grows when a graph of this process was compiled (cached) or found in the cache."""
-    import torch_xla.debug.metrics as metrics
+class GraphLaunchOrder(Protocol):
+    """How replicas that are threads of this process take turns launching a collective graph
+    (the distributed layer's ``LaunchOrder``)."""
+
+    def run(self, rank: int, launch: Callable[[], None]) -> None: ...
+
+
+@functools.cache
+def xla_device_type() -> str:
+    """``TPU``, ``CPU`` (the PJRT CPU client), ...: the backend of this process's XLA devices."""
     import torch_xla.runtime as xr
 
-    return xr.get_num_cached_compilation_graph() + (metrics.counter_value("CachedCompile") or 0)
-
-
-class LaunchOrder:
-    """Replicas that are threads of one process (the CPU client with ``CPU_NUM_DEVICES=N``) get
-    each collective graph from one compilation.
-
-    Two threads compiling the same graph at once give its all-reduce different op ids, and it
-    deadlocks until XLA aborts the process after 10 s (torch-xla 2.9.0, CPU). So the replicas
-    take turns in rank order, and a replica's turn ends as soon as its graph is compiled or
-    found in the cache: not when it returns, because a launch waits for the graph (``sync``),
-    which waits in the all-reduce for the next replicas to launch theirs. At most one replica is
-    between "started" and "past compilation" at a time, so the process-wide counters tell.
-
-    Rank 0 starts a launch only once every replica has arrived at it. Otherwise another replica
-    could still be compiling a graph without collectives (an evaluation batch), and its
-    compilation would end rank 0's turn early, and the next replica would compile the same
-    collective graph at the same time.
-    """
-
-    def __init__(self, world: int):
-        self.world = world
-        self._cond = threading.Condition()
-        self._arrived = [0] * world  # collective launches each replica has reached
-        self._started = [0] * world  # ... started
-        self._passed = [0] * world  # ... and got past compilation
-        self._marks = [0] * world  # _compile_progress() when each replica started its last one
-
-    def _may_start(self, rank: int, launch_number: int) -> bool:
-        progress = _compile_progress()
-        for k in range(self.world):
-            if self._passed[k] < self._started[k] and progress > self._marks[k]:
-                self._passed[k] = self._started[k]
-        before = all(self._passed[k] > launch_number for k in range(rank))
-        after = all(self._passed[k] >= launch_number for k in range(rank + 1, self.world))
-        return before and after
-
-    def run(self, rank: int, launch: Callable[[], None]) -> None:
-        with self._cond:
-            number = self._started[rank]
-            self._arrived[rank] = number + 1
-            self._cond.notify_all()
-            while not (min(self._arrived) > number and self._may_start(rank, number)):
-                self._cond.wait(0.005)
-            self._started[rank], self._marks[rank] = number + 1, _compile_progress()
-        try:
-            launch()
-        finally:
-            with self._cond:
-                self._passed[rank] = max(self._passed[rank], number + 1)
-                self._cond.notify_all()
-
-
-_LAUNCH_ORDERS: Dict[int, LaunchOrder] = {}
-_LAUNCH_ORDERS_LOCK = threading.Lock()
-
-
-def launch_order(world: int) -> LaunchOrder:
-    """The one LaunchOrder of this process's ``world`` replica threads."""
-    with _LAUNCH_ORDERS_LOCK:
-        return _LAUNCH_ORDERS.setdefault(world, LaunchOrder(world))
+    return xr.device_type()
 
 
 def prefer_nonblocking_cpu_client() -> None:
@@ -115,7 +61,7 @@ def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 class Runtime:
     def __init__(
-        self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[LaunchOrder] = None
+        self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[GraphLaunchOrder] = None
     ):
         self.kind = kind
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
@@ -145,6 +91,18 @@ class Runtime:
     @property
     def is_xla(self) -> bool:
         return self.kind == "xla"
+
+    @property
+    def is_xla_cpu(self) -> bool:
+        """XLA on the PJRT CPU client (CI, first runs), where ``cpu_kernels`` applies."""
+        return self.is_xla and xla_device_type() == "CPU"
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """``model`` on this device, with this backend's kernels (XLA:CPU's, ``cpu_kernels``):
+        the one place a model meets the backend. Same parameters and state dict."""
+        if self.is_xla_cpu:
+            use_xla_cpu_kernels(model)
+        return model.to(self.device)
 
     def sync(self, collective: bool = False) -> None:
         """End the traced step: XLA compiles (first time) and launches the graph asynchronously.
@@ -257,135 +215,3 @@ class Runtime:
 
             self.wait()  # the traced steps' device work belongs in the trace
             profiler.stop_trace()
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
-
-
-class DeviceFeed:
-    """Host batches copied to an XLA device by a background thread, up to ``depth`` batches
-    ahead of the loop, so that the copy overlaps the step that runs.
-
-    torch_xla's ``MpDeviceLoader`` does the same, but each of its ``next()`` calls syncs too:
-    with steps launched without waiting (the CPU client, ``prefer_nonblocking_cpu_client``)
-    that sync waits for the step just launched, and the host can no longer trace the next step
-    while the device runs this one. Its thread also swallows the host loader's errors and ends
-    the stream as if the data had run out; here the loop gets the error itself."""
-
-    def __init__(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device, depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._ended = self._closed = False
-        self._thread = threading.Thread(target=self._copy, args=(batches, device), name="device-feed", daemon=True)
-        self._thread.start()
-
-    def _copy(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device) -> None:
-        import torch_xla.core.xla_model as xm
-
-        stream = iter(batches)
-        try:
-            for batch in stream:
-                if self._closed:
-                    return
-                self._queue.put(xm.send_cpu_data_to_device(batch, device))
-        except BaseException as error:  # noqa: BLE001 - handed to the loop's thread
-            self._queue.put(_Failure(error))
-        else:
-            self._queue.put(_END)
-        finally:
-            if hasattr(stream, "close"):
-                stream.close()  # a generator's cleanup runs now: a data loader's workers end
-
-    def __iter__(self) -> "DeviceFeed":
-        return self
-
-    def __next__(self) -> Dict[str, torch.Tensor]:
-        if self._ended:
-            raise StopIteration
-        item = self._queue.get()
-        if item is _END:
-            self._ended = True
-            raise StopIteration
-        if isinstance(item, _Failure):
-            self._ended = True
-            raise item.error
-        return item
-
-    def close(self, timeout: float = 60.0) -> None:
-        """The loop is done with the batches (it may stop early): stop copying, close the host
-        stream, and wait for the thread to end. A copy still inside torch_xla when the
-        interpreter exits can abort the process ("terminate called without an active
-        exception": seen once, in a run stopped by SIGTERM, before this wait)."""
-        self._closed = self._ended = True
-        deadline = time.monotonic() + timeout
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            try:
-                while True:
-                    self._queue.get_nowait()  # frees a copy blocked on a full queue
-            except queue.Empty:
-                pass
-            self._thread.join(0.05)
-        if self._thread.is_alive():
-            logger.warning("the batch copy thread is still waiting for the host loader after %.0f s", timeout)
-
-
-class TimedBatches:
-    """An iterator of batches that counts the seconds the loop waited for the next one. Device
-    work is queued asynchronously, so while the loop waits the device finishes what was queued
-    and then idles: the wait is an upper bound on the device's time starved of input."""
-
-    def __init__(self, batches: Iterable):
-        self._source = batches
-        self._batches = iter(batches)
-        self.wait_seconds = 0.0
-
-    def close(self) -> None:
-        if isinstance(self._source, DeviceFeed):
-            self._source.close()
-
-    def __iter__(self) -> "TimedBatches":
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self._batches)
-        finally:
-            self.wait_seconds += time.perf_counter() - start
-
-
-class InputWait:
-    """How much of the wall time since it was created went to waiting for input.
-
-    ``input_wait_fraction``: the loop blocked on the next batch. ``device_idle_fraction``: the
-    devices executed nothing (for any reason). The device can only have waited for input while
-    both held, so ``device_wait_fraction`` is the smaller: an upper bound. (The first alone can
-    overstate: a loop that blocks on its batch while the device still runs queued steps.)"""
-
-    def __init__(self, runtime: "Runtime", batches: TimedBatches):
-        self.runtime, self.batches = runtime, batches
-        self.start = (time.perf_counter(), batches.wait_seconds, runtime.device_seconds())
-
-    def fractions(self) -> Dict[str, Optional[float]]:
-        start_time, start_wait, start_device = self.start
-        wall = max(time.perf_counter() - start_time, 1e-9)
-        waiting = (self.batches.wait_seconds - start_wait) / wall
-        device = self.runtime.device_seconds()
-        idle = None if device is None else min(max(1.0 - (device - start_device) / wall, 0.0), 1.0)
-        return {
-            "input_wait_fraction": round(waiting, 4),
-            "device_idle_fraction": None if idle is None else round(idle, 4),
-            "device_wait_fraction": round(waiting if idle is None else min(waiting, idle), 4),
-        }
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

@@ -68,17 +68,6 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
         os.close(directory)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or a run directory: then its newest ``checkpoints/step_*.pt``."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted((path / "checkpoints").glob("step_*.pt"))
-        if not candidates:
-            raise CheckpointError(f"{path}: no checkpoints/step_*.pt in this run directory")
-        return candidates[-1]
-    return path
-
-
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():

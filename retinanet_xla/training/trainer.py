@@ -14,18 +14,19 @@ from typing import Dict, Iterator, Optional
 import torch
 from rich.console import Console
 
-from retinanet_xla.config import Config, ConfigError, save_config
-from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader, load_coco
-from retinanet_xla.data.coco import CocoDataset, DatasetError
-from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.engine.build import build_runtime, build_train_step
-from retinanet_xla.engine.checkpoint import CheckpointError
-from retinanet_xla.engine.checkpoint_dir import CheckpointDirectory
-from retinanet_xla.engine.metrics_log import MetricsLog, SilentLog
-from retinanet_xla.engine.preemption import PreemptionGuard, stop_file
-from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
-from retinanet_xla.engine.runtime import InputWait, Stopwatch
-from retinanet_xla.errors import RunFailed, RunStopped
+from retinanet_xla.config import Config, save_config
+from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader
+from retinanet_xla.data.coco import CocoDataset
+from retinanet_xla.data.splits import dataset_split
+from retinanet_xla.distributed.launch import replica_runtime
+from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.errors import CheckpointError, ConfigError, RunFailed, RunStopped
+from retinanet_xla.inference.evaluator import Evaluator
+from retinanet_xla.rundir.directory import CheckpointDirectory
+from retinanet_xla.training.build import build_train_step
+from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
+from retinanet_xla.xla.feed import InputWait, Stopwatch
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -37,32 +38,6 @@ class TrainingDiverged(RunFailed):
 
 class TrainingInterrupted(RunStopped):
     """A stop was requested (SIGTERM/SIGINT); a checkpoint for the step reached was saved."""
-
-
-def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
-    """The configured split, or the synthetic dataset (written under ``output_dir/synthetic``)
-    when ``data.<split>.annotations`` is unset."""
-    paths = getattr(config.data, split)
-    if paths.annotations is None:
-        root = output_dir / "synthetic"
-        annotations = root / "annotations" / f"instances_{split}.json"
-        if not annotations.is_file():
-            s = config.data.synthetic
-            write_synthetic_dataset(root, s.train_images, s.val_images, s.seed)
-        images = root / split
-    elif paths.images is None:
-        raise ConfigError(f"data.{split}.images must be set when data.{split}.annotations is")
-    else:
-        annotations, images = Path(paths.annotations), Path(paths.images)
-    coco = load_coco(annotations, images, config.data.label_mapping, config.data.augmentation.min_box_size)
-    if not coco.records:
-        raise DatasetError(f"{annotations}: no usable images (run 'retinanet-xla data check' for details)")
-    if config.model.num_classes < coco.mapping.num_labels:
-        raise ConfigError(
-            f"model.num_classes is {config.model.num_classes} but {annotations} needs {coco.mapping.num_labels} "
-            f"with data.label_mapping {config.data.label_mapping}"
-        )
-    return coco
 
 
 class BatchCounters:
@@ -126,7 +101,7 @@ class Trainer:
         self.coco = dataset_split(config, "train", self.output_dir)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-        self.runtime = build_runtime(config, replicas)
+        self.runtime = replica_runtime(config, replicas)
         self.step_fn = build_train_step(config, self.runtime, replicas)
         self.start_step, self.best_ap = 0, float("-inf")
         if resume:
@@ -137,8 +112,6 @@ class Trainer:
 
         self.evaluator = None
         if config.train.eval_every > 0:  # every replica evaluates its shard of the split
-            from retinanet_xla.evaluation.evaluator import Evaluator
-
             val = dataset_split(config, "val", self.output_dir)
             val.mapping = self.coco.mapping  # detections are written with the training set's ids
             self.evaluator = Evaluator(config, val, self.runtime, replicas, show_progress=False)
@@ -357,26 +330,3 @@ class Trainer:
         if summary["compilations_after_warmup"]:
             logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
         return summary
-
-
-def train(config: Config, output_dir: Path, resume: bool = True, console: Optional[Console] = None) -> Dict:
-    """Train on one device in this process, or with one replica per local XLA device
-    (``runtime.num_devices`` null: all of them). Returns the summary."""
-    output_dir = Path(output_dir)
-    stop_file(output_dir).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
-    if replicas == 1:
-        return Trainer(config, output_dir, resume, console).run()
-    if replicas is not None:
-        check_batch_sizes(config, Replicas(world=replicas))  # fail before starting anything
-    # Data the replicas share is written once, before they start reading it.
-    dataset_split(config, "train", output_dir)
-    if config.train.eval_every > 0:
-        dataset_split(config, "val", output_dir)
-    with PreemptionGuard(stop_file(output_dir)):
-        launch(_train_replica, (config, output_dir, resume), (TrainingDiverged, TrainingInterrupted), config.runtime.num_devices)
-    return json.loads((output_dir / "summary.json").read_text())
-
-
-def _train_replica(replicas: Replicas, config: Config, output_dir: Path, resume: bool) -> None:
-    Trainer(config, output_dir, resume, replicas=replicas).run()

@@ -1,45 +1,17 @@
-"""Objects from a config: the one place that maps config keys onto constructors."""
+"""The training step from a config: loss, optimizer, schedule and the model on the device."""
 
 import threading
-from pathlib import Path
 
 import torch
 
-from retinanet_xla.config import Config, ConfigError
-from retinanet_xla.engine.ema import WeightAverage
-from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule, parameter_groups
-from retinanet_xla.engine.replicas import Replicas
-from retinanet_xla.engine.runtime import Runtime, launch_order
-from retinanet_xla.engine.step import TrainStep
-from retinanet_xla.models import RetinaNet, set_replica_averaging
-from retinanet_xla.ops import AnchorGenerator, AnchorMatcher, BoxCoder, DetectionLoss
-
-
-def build_model(config: Config) -> RetinaNet:
-    """Raises ConfigError (one line) for anything the model refuses, e.g. a wrong weights file."""
-    try:
-        return _build_model(config)
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
-
-
-def _build_model(config: Config) -> RetinaNet:
-    m = config.model
-    anchors = AnchorGenerator(
-        m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding
-    )
-    return RetinaNet(
-        num_classes=m.num_classes,
-        backbone=m.backbone.name,
-        fpn_channels=m.fpn_channels,
-        head_convs=m.head.convs,
-        head_norm=m.head.norm,
-        backbone_norm=m.backbone.norm,
-        freeze_at=m.backbone.freeze_at,
-        backbone_weights=Path(m.backbone.weights) if m.backbone.weights else None,
-        anchor_generator=anchors,
-        prior_probability=m.head.prior_probability,
-    )
+from retinanet_xla.config import Config
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.models import build_model, set_replica_averaging
+from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
+from retinanet_xla.training.ema import WeightAverage
+from retinanet_xla.training.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.training.step import TrainStep
+from retinanet_xla.xla.runtime import Runtime
 
 
 def build_loss(config: Config) -> DetectionLoss:
@@ -63,13 +35,6 @@ def build_loss(config: Config) -> DetectionLoss:
     )
 
 
-def build_runtime(config: Config, replicas: Replicas = Replicas()) -> Runtime:
-    """The device runtime of one replica; replicas that are threads of this process share the
-    order in which they launch graphs with collectives."""
-    order = launch_order(replicas.world) if replicas.threaded and replicas.world > 1 else None
-    return Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order)
-
-
 # Replicas that are threads of one process share torch's global RNG: each builds its model
 # from the seed while holding this lock, so every replica starts from identical weights.
 _INIT_LOCK = threading.Lock()
@@ -86,8 +51,8 @@ def build_train_step(config: Config, runtime: Runtime, replicas: Replicas = Repl
     if config.train.ema_decay > 0:
         average = build_model(config)
         average.load_state_dict(model.state_dict())
-        ema = WeightAverage(model.to(runtime.device), average.to(runtime.device), config.train.ema_decay)
-    model = model.to(runtime.device).train()
+        ema = WeightAverage(runtime.place_model(model), runtime.place_model(average), config.train.ema_decay)
+    model = runtime.place_model(model).train()
     loss_fn = build_loss(config).to(runtime.device).train()
     # Across replicas: the positives normaliser and cross-replica BatchNorm statistics are
     # averaged inside the graph, and so are the gradients before the update.

@@ -4,7 +4,6 @@ The first thing to run on a new TPU VM: it shows the compile time, the steady st
 images/s, and whether anything recompiles, before any data is in place.
 """
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -12,10 +11,13 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from retinanet_xla.config import Config
-from retinanet_xla.engine.build import build_runtime, build_train_step
-from retinanet_xla.engine.replicas import Replicas, launch, local_replica_count
-from retinanet_xla.engine.runtime import InputWait, Stopwatch
-from retinanet_xla.engine.trainer import dataset_split, train_batches
+from retinanet_xla.data.splits import dataset_split, split_files
+from retinanet_xla.distributed.launch import local_replica_count, replica_runtime, run_on_local_replicas
+from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.errors import ConfigError
+from retinanet_xla.training.build import build_train_step
+from retinanet_xla.training.trainer import train_batches
+from retinanet_xla.xla.feed import InputWait, Stopwatch
 
 DISTINCT_BATCHES = 4
 
@@ -56,25 +58,15 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False) -> Dict:
     of a few random batches held in memory; ``device_wait_fraction`` then tells whether the
     pipeline keeps up."""
     if steps < 2:
-        raise ValueError("bench needs at least 2 steps: one to compile, one to time")
-    replicas = local_replica_count(config.runtime.device, config.runtime.num_devices)
-    if replicas is not None:
-        Replicas(world=replicas).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
+        raise ConfigError("bench needs at least 2 steps: one to compile, one to time")
+    count = local_replica_count(config.runtime.device, config.runtime.num_devices)
+    if count is not None:
+        Replicas(world=count).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:
         data_root = Path(scratch) if input_pipeline else None
         if data_root is not None:
-            dataset_split(config, "train", data_root)  # written once, before any replica reads it
-        if replicas == 1:
-            return _benchmark(Replicas(), config, steps, data_root)
-        result_file = Path(scratch) / "bench.json"
-        launch(_bench_replica, (config, steps, data_root, result_file), num_devices=config.runtime.num_devices)
-        return json.loads(result_file.read_text())
-
-
-def _bench_replica(replicas: Replicas, config: Config, steps: int, data_root: Optional[Path], result_file: Path) -> None:
-    result = _benchmark(replicas, config, steps, data_root)
-    if replicas.is_master:
-        result_file.write_text(json.dumps(result))
+            split_files(config, "train", data_root)  # written once, before any replica reads it
+        return run_on_local_replicas(_benchmark, (config, steps, data_root), config)
 
 
 def _host_batches(config: Config, replicas: Replicas, steps: int, data_root: Optional[Path]) -> Iterator[Dict[str, torch.Tensor]]:
@@ -86,7 +78,7 @@ def _host_batches(config: Config, replicas: Replicas, steps: int, data_root: Opt
 
 
 def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Optional[Path]) -> Dict:
-    runtime = build_runtime(config, replicas)
+    runtime = replica_runtime(config, replicas)
     step_fn = build_train_step(config, runtime, replicas)
     batches = runtime.device_batches(_host_batches(config, replicas, steps, data_root))
 

@@ -6,11 +6,11 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from retinanet_xla.engine.ema import WeightAverage
-from retinanet_xla.engine.optimizer import SGD, LearningRateSchedule
-from retinanet_xla.engine.replicas import Replicas
-from retinanet_xla.engine.runtime import Runtime
+from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.ops import DetectionLoss
+from retinanet_xla.training.ema import WeightAverage
+from retinanet_xla.training.optimizer import SGD, LearningRateSchedule
+from retinanet_xla.xla.runtime import Runtime
 
 
 class TrainStep:

@@ -1,1 +1,0 @@
-"""COCO evaluation: running the model over a split and scoring with pycocotools."""

@@ -1,0 +1,35 @@
+"""The model from a config: the one place that maps ``model.*`` keys onto ``RetinaNet``."""
+
+from pathlib import Path
+
+from retinanet_xla.config import Config
+from retinanet_xla.errors import ConfigError
+from retinanet_xla.models.retinanet import RetinaNet
+from retinanet_xla.ops import AnchorGenerator
+
+
+def build_model(config: Config) -> RetinaNet:
+    """Raises ConfigError (one line) for anything the model refuses, e.g. a wrong weights file."""
+    try:
+        return _build_model(config)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def _build_model(config: Config) -> RetinaNet:
+    m = config.model
+    anchors = AnchorGenerator(
+        m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding
+    )
+    return RetinaNet(
+        num_classes=m.num_classes,
+        backbone=m.backbone.name,
+        fpn_channels=m.fpn_channels,
+        head_convs=m.head.convs,
+        head_norm=m.head.norm,
+        backbone_norm=m.backbone.norm,
+        freeze_at=m.backbone.freeze_at,
+        backbone_weights=Path(m.backbone.weights) if m.backbone.weights else None,
+        anchor_generator=anchors,
+        prior_probability=m.head.prior_probability,
+    )

@@ -1,0 +1,2 @@
+"""Training: the compiled step (forward, loss, backward, update), SGD and the schedule as device
+tensors, the weight average, the loop and its periodic work. The model knows nothing of it."""

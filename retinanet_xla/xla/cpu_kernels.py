@@ -1,0 +1,25 @@
+"""The one adapter between the model and XLA's CPU backend.
+
+``RetinaNet`` is built from plain torchvision modules on every backend: ``print(model)`` and
+every export look the same everywhere. Where a train or evaluation step is built on XLA:CPU
+(CI, ``make demo``, a user's first run), the runtime calls ``use_xla_cpu_kernels`` on the built
+model: the same parameters and state dict, with the two kernels XLA:CPU runs slowly replaced
+(measured on the smoke step, docs/performance.md):
+
+- the 3x3/2 stem max pool, whose gradient XLA lowers to a scalar-loop ``select-and-scatter``
+  (51 -> 23 ms forward and backward; ``cpu_pooling.py``);
+- convolutions with fewer output pixels than channels, whose weight relayouts cost more than the
+  convolution (``cpu_convolution.py``).
+"""
+
+from torch import nn
+
+from retinanet_xla.xla.cpu_convolution import use_xla_cpu_convolutions
+from retinanet_xla.xla.cpu_pooling import use_separable_stem_pools
+
+
+def use_xla_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Convert ``model`` in place for XLA:CPU and return it."""
+    use_separable_stem_pools(model)
+    use_xla_cpu_convolutions(model)
+    return model
