@@ -25,6 +25,7 @@ from retinanet_xla.errors import CheckpointError, ConfigError, RunFailed, RunSto
 from retinanet_xla.inference.evaluator import Evaluator
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.training.build import build_train_step
+from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck, ProfileWindow, Throughput
 from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.xla.feed import InputWait, Stopwatch
 
@@ -75,10 +76,6 @@ def check_batch_sizes(config: Config, replicas: Replicas) -> int:
     return replicas.share(config.train.batch_size, "train.batch_size")
 
 
-def _finite(values: Dict[str, float]) -> bool:
-    return all(v == v and abs(v) != float("inf") for v in values.values())
-
-
 class Trainer:
     """One replica's training loop (the only one, on a single device)."""
 
@@ -120,8 +117,7 @@ class Trainer:
         self.first_loss: Optional[float] = None
         self.last_loss: Optional[float] = None
         self.last_eval: Optional[Dict[str, float]] = None
-        self.diverged_at: Optional[int] = None
-        self.window: Optional[tuple] = None
+        self.divergence = DivergenceCheck()
         self.last_checkpoint: Optional[Path] = None
 
     # -- state -------------------------------------------------------------------------------
@@ -173,98 +169,67 @@ class Trainer:
             self.last_checkpoint = self.checkpoints.save(step, self._payload(step))
         self.replicas.barrier()
 
-    # -- logging -----------------------------------------------------------------------------
-
-    def _on_log(self, step: int, values: Dict[str, float], clock: Stopwatch, log: MetricsLog) -> None:
-        if not _finite(values):
-            self.diverged_at = step
-            return
-        now = clock.seconds()
-        if self.window is not None:
-            window_step, window_time = self.window
-            values["images_per_second"] = (step - window_step) * self.config.train.batch_size / max(now - window_time, 1e-9)
-        self.window = (step, now)
-        values["truncated_images"] = float(self.counters.truncated)
-        values["unreadable_images"] = float(self.counters.unreadable)
-        self.last_loss = values["loss"]
-        if self.first_loss is None:
-            self.first_loss = values["loss"]
-        log.write(step, values)
-
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> Dict:
         c, runtime, replicas = self.config.train, self.runtime, self.replicas
-        log = (
-            MetricsLog(self.output_dir, c.steps, start_step=self.start_step, console=self.console)
-            if replicas.is_master
-            else SilentLog()
-        )
+        first = self.start_step + 1
+        log = MetricsLog(self.output_dir, c.steps, self.start_step, self.console) if replicas.is_master else SilentLog()
         log.message(
-            f"training steps {self.start_step + 1}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
+            f"training steps {first}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
             f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
             f"on {runtime.device} -> {self.output_dir}"
         )
+        cadence = Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, replicas.world)
+        compiles = CompileWatch(lambda: runtime.compilations()["count"])
+        tensorboard = self.output_dir / "tensorboard"
+        profile = ProfileWindow(
+            self.config.runtime.profile_steps if replicas.is_master else None,  # one trace per run
+            c.steps,
+            lambda: runtime.start_profile(tensorboard),
+            runtime.stop_profile,
+        )
+        clock, throughput = Stopwatch(), Throughput(c.batch_size, lambda: clock.seconds())
+        warm_clock, first_step_seconds, input_wait = None, 0.0, None
         batches = runtime.device_batches(self.counters)
         replicas.barrier()  # every replica is past its own setup graphs before step 1's
-        clock = Stopwatch()
-        warm_clock, warmup_compilations, first_step_seconds, input_wait = None, 0, 0.0, None
-        first = self.start_step + 1
-        profile = self.config.runtime.profile_steps if replicas.is_master else None  # one trace per run
-        profiling = False
         try:
             with PreemptionGuard(stop_file(self.output_dir)) as guard:
                 for step in range(first, c.steps + 1):
-                    if profile and step == profile[0]:
-                        runtime.start_profile(self.output_dir / "tensorboard")
-                        profiling = True
+                    profile.before(step)
                     outputs = self.step_fn(next(batches))
-                    is_last = step == c.steps
-                    checkpoint_now = step % c.checkpoint_every == 0 or is_last
-                    # Checkpoint steps are log steps too: the loss is known to be finite before
-                    # the weights are written, so the last checkpoint is always a good one.
-                    log_now = step == first or step % c.log_every == 0 or checkpoint_now
-                    # Replicas decide to stop (a request, a non-finite loss) together, at log
-                    # steps, where the master reads values anyway; a single device at any step.
-                    decision_step = log_now or replicas.world == 1
-                    stop_requested = decision_step and guard.requested
-                    if replicas.is_master and (log_now or stop_requested):
-                        runtime.on_step_end(lambda values, s=step: self._on_log(s, values, clock, log), outputs)
+                    plan = cadence.plan(step)
+                    stop_requested = plan.decide and guard.requested
+                    if replicas.is_master and (plan.log or stop_requested):
+                        runtime.on_step_end(lambda values, s=step: self._on_values(s, values, throughput, log), outputs)
                     runtime.sync(collective=True)
-                    stop, diverged = False, False
-                    if decision_step:
-                        stop, diverged = replicas.agree([stop_requested, self.diverged_at is not None], runtime)
-                    if profiling and step == min(profile[1], c.steps):
-                        runtime.stop_profile()
-                        profiling = False
-                        log.message(
-                            f"profiled steps {profile[0]}-{step}: open {self.output_dir / 'tensorboard'} in TensorBoard's profile tab"
-                        )
+                    stop = diverged = False
+                    if plan.decide:
+                        stop, diverged = replicas.agree([stop_requested, self.divergence.diverged], runtime)
+                    if profile.after(step):
+                        log.message(f"profiled steps {profile.first}-{step}: open {tensorboard} in TensorBoard's profile tab")
                     if step == first:
                         runtime.wait()
-                        warmup_compilations = runtime.compilations()["count"]
                         first_step_seconds = clock.seconds()
+                        compiled = compiles.warmed_up()
                         warm_clock, input_wait = Stopwatch(), InputWait(runtime, batches)
-                        log.message(f"step {step} done in {first_step_seconds:.1f} s ({warmup_compilations} graphs compiled)")
-                    elif step % c.log_every == 0 or is_last:
-                        new = runtime.compilations()["count"] - warmup_compilations
-                        if new and replicas.is_master:
-                            logger.warning(
-                                "%d new XLA compilation(s) after warm-up (by step %d): the step graph changed", new, step
-                            )
+                        log.message(f"step {step} done in {first_step_seconds:.1f} s ({compiled} graphs compiled)")
+                    elif plan.log and replicas.is_master:
+                        compiles.check(step)
                     if diverged:
                         raise TrainingDiverged(
-                            f"the loss is not finite at step {self.diverged_at or step}; stopping (last good checkpoint: {self.last_checkpoint or 'none'})"
+                            f"the loss is not finite at step {self.divergence.step or step}; stopping "
+                            f"(last good checkpoint: {self.last_checkpoint or 'none'})"
                         )
                     log.advance(step)
-                    if checkpoint_now or stop:
+                    if plan.checkpoint or stop:
                         self._save(step)
-                    if c.eval_every > 0 and (step % c.eval_every == 0 or is_last):
-                        before, first_evaluation = runtime.compilations()["count"], self.last_eval is None
-                        self._evaluate(step, log)
-                        if first_evaluation:  # compiling the eval graph is warm-up too
-                            warmup_compilations += runtime.compilations()["count"] - before
-                    if stop and not is_last:
+                    if plan.evaluate:
+                        if self.last_eval is None:  # compiling the evaluation graphs is warm-up too
+                            compiles.also_warmup(lambda s=step: self._evaluate(s, log))
+                        else:
+                            self._evaluate(step, log)
+                    if stop and not plan.last:
                         raise TrainingInterrupted(
                             f"stopped {guard.reason or 'because another replica was asked to'} at step {step}; "
                             f"saved {self.last_checkpoint}; run the same command again to resume"
@@ -272,11 +237,24 @@ class Trainer:
             runtime.wait()
         finally:
             batches.close()
-            if profiling:  # stopped or failed inside the window: keep what was traced
-                runtime.stop_profile()
+            profile.close()  # stopped or failed inside the window: keep what was traced
             log.close()
         waits = input_wait.fractions() if input_wait is not None and c.steps > first else {}
-        return self._summary(clock, warm_clock, first_step_seconds, warmup_compilations, waits)
+        return self._summary(clock, warm_clock, first_step_seconds, compiles, waits)
+
+    def _on_values(self, step: int, values: Dict[str, float], throughput: Throughput, log: MetricsLog) -> None:
+        """The master's host copy of a log step's values (``Runtime.on_step_end``)."""
+        if not self.divergence.observe(step, values):
+            return  # the replicas agree to stop at this step; nothing non-finite is logged
+        rate = throughput.rate(step)
+        if rate is not None:
+            values["images_per_second"] = rate
+        values["truncated_images"] = float(self.counters.truncated)
+        values["unreadable_images"] = float(self.counters.unreadable)
+        self.last_loss = values["loss"]
+        if self.first_loss is None:
+            self.first_loss = values["loss"]
+        log.write(step, values)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
         """Every replica runs the model over its shard; the master scores the gathered
@@ -296,7 +274,7 @@ class Trainer:
         self.replicas.barrier()
 
     def _summary(
-        self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, warmup_compilations: int, waits: Dict
+        self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, compiles: CompileWatch, waits: Dict
     ) -> Dict:
         c = self.config.train
         compiled = self.runtime.compilations()
@@ -312,7 +290,7 @@ class Trainer:
             # After step 1 (evaluation and checkpoints included): runtime.InputWait.
             **{key: waits.get(key) for key in ("device_wait_fraction", "input_wait_fraction", "device_idle_fraction")},
             "compilations_total": compiled["count"],
-            "compilations_after_warmup": compiled["count"] - warmup_compilations if steps_run else 0,
+            "compilations_after_warmup": compiles.after_warmup() if steps_run else 0,
             "compile_seconds": round(compiled["seconds"], 3),
             "compile_cache": str(self.runtime.compile_cache) if self.runtime.compile_cache else None,
             **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
