@@ -329,3 +329,60 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     b = write_synthetic_dataset(tmp_path / "b", 6, 2, seed=3)
     assert a["train"]["annotations"].read_text() == b["train"]["annotations"].read_text()
     assert (a["train"]["images"] / "000001.jpg").read_bytes() == (b["train"]["images"] / "000001.jpg").read_bytes()
+
+
+def test_values_that_crashed_training_or_were_trained_on_wrongly_are_named_and_dropped(tmp_path):
+    """Each of these passed ``data check`` or ended in a traceback before."""
+    half = image(3, create=False)
+    half["width"] = 0.5  # int(0.5) == 0: a division by zero in a data worker after step 1
+    path, images_dir = write_coco(
+        tmp_path,
+        [image(1), image(2), half, image(4, name="4a.png"), image(4, name="4b.png")],
+        [
+            box(1, [10, 10, 20, 20]),
+            box(1, [30, 30, 20, 20], crowd="0"),  # a string: truthy, it counted as crowd
+            box(2, [10, 10, 20, 20], annotation_id=7) | {"image_id": [2]},
+            box(2, [10, 10, 20, 20], annotation_id=8) | {"category_id": [1]},
+            box(2, [5, 5, 10, 10], crowd=True),
+            box(4, [10, 10, 20, 20]),
+        ],
+    )
+    Image.new("RGB", (100, 80)).save(images_dir / "3.png")
+    dataset = load_coco(path, images_dir)
+    assert dataset.problems == {
+        "image without a width and height of at least 1 pixel": 1,
+        "duplicate image id (every image with it skipped)": 2,
+        "iscrowd that is not 0 or 1": 1,
+        "annotation without an integer image_id and category_id": 2,
+        "annotation for an unknown or skipped image": 1,  # image 4's box: whose image is it?
+    }
+    records = {record.image_id: record for record in dataset.records}
+    assert sorted(records) == [1, 2]
+    assert records[1].crowd.tolist() == [False] and records[2].crowd.tolist() == [True]
+    assert "id 4: 4a.png" in dataset.examples["duplicate image id (every image with it skipped)"][0]
+
+
+def test_a_dataset_without_boxes_is_refused_for_training_and_reported_by_check(tmp_path):
+    from retinanet_xla.config import load_config
+    from retinanet_xla.data.check import check_dataset
+    from retinanet_xla.data.splits import dataset_split
+
+    path, images_dir = write_coco(tmp_path, [image(1), image(2)], [])
+    config = load_config(overrides=[f"data.train.annotations={path}", f"data.train.images={images_dir}"])
+    with pytest.raises(DatasetError, match=r"instances.json: no usable boxes in any image \(run 'retinanet-xla data check'"):
+        dataset_split(config, "train", tmp_path)
+    report = check_dataset(path, images_dir)
+    assert not report.ok and "no usable boxes in any image: 1" in "\n".join(report.lines())
+
+
+def test_truncation_warning_counts_the_boxes_past_max_boxes(tmp_path):
+    from retinanet_xla.data.splits import truncation_warning
+
+    boxes = [box(1, [i, i, 5, 5], annotation_id=i + 1) for i in range(6)] + [box(2, [1, 1, 5, 5], annotation_id=50)]
+    path, images_dir = write_coco(tmp_path, [image(1), image(2)], boxes)
+    dataset = load_coco(path, images_dir)
+    assert truncation_warning(dataset, 6) is None
+    assert truncation_warning(dataset, 4) == (
+        f"1 of 2 images in {path} have more than data.max_boxes=4 boxes (up to 6); 2 of 7 boxes (28.6%) are dropped "
+        "and their objects count as background: set data.max_boxes to 6 to keep them"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retinanet_xla.rundir.checkpoint import load_checkpoint
+from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
 from tests.cli_helpers import train_command
 
 pytestmark = pytest.mark.xla
@@ -85,6 +85,8 @@ def test_resume_after_sigkill_continues_the_same_trajectory(straight, tmp_path):
     assert "resuming from" in resumed.stderr
 
     expected, actual = losses(straight), losses(tmp_path)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 2 * N + 1))  # the steps the killed run logged past N, once
     for step in range(N + 1, 2 * N + 1):
         assert actual[step] == pytest.approx(expected[step], abs=1e-5), step
     final = load_checkpoint(tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt")
@@ -98,6 +100,10 @@ def test_resume_after_sigkill_continues_the_same_trajectory(straight, tmp_path):
 def test_sigterm_saves_the_step_reached_and_exits_75(tmp_path):
     process = start(tmp_path, "train.steps=1000")
     wait_for(tmp_path / "checkpoints" / f"step_{N:08d}.pt", process)
+    second = run(tmp_path, "train.steps=1000")  # the same --output while the first one writes
+    assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: another train run (pid {process.pid}) is writing to this directory; wait for it or use another --output"
+    )
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr[-3000:]
@@ -116,10 +122,13 @@ def test_truncated_newest_checkpoint_is_skipped_and_old_ones_rotate(straight, tm
         (output / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
     newest = output / "checkpoints" / f"step_{2 * N:08d}.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a write cut short
+    leftover = output / "checkpoints" / f".step_{2 * N:08d}.pt.x1y2z3.tmp"  # a save killed before its rename
+    leftover.write_bytes(b"partial")
     (output / "synthetic").symlink_to(straight / "synthetic")
     result = run(output, f"train.steps={3 * N}", "train.keep_checkpoints=2", "train.checkpoint_every=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping unusable checkpoint: {newest}: not a readable checkpoint" in result.stderr
+    assert not leftover.exists() and f"removed {leftover}, left by a save that was interrupted" in result.stderr
     assert json.loads((output / "summary.json").read_text())["resumed_from_step"] == N
     assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [
         f"step_{3 * N - 2:08d}.pt",
@@ -148,15 +157,48 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
         assert str(checkpoints[-1]) in message[0]
 
 
+def test_no_resume_refuses_a_directory_holding_an_earlier_runs_checkpoints(straight, tmp_path):
+    """Rotation keeps the highest steps: the old run's later checkpoints would delete every new
+    one, and a rerun would resume the old run. Nothing is written, nothing lost."""
+    old = tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes((straight / "checkpoints" / old.name).read_bytes())
+    result = subprocess.run(
+        command(tmp_path, "train.steps=2") + ["--no-resume"], capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: holds checkpoints of an earlier run (newest {old.name}); "
+        "--no-resume would mix the two runs: use another --output, or remove them first"
+    )
+    assert old.read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_checkpoint_without_what_resuming_needs_is_one_line(straight, tmp_path):
+    payload = load_checkpoint(straight / "checkpoints" / f"step_{N:08d}.pt")
+    del payload["torch_rng_state"]
+    save_checkpoint(tmp_path / "checkpoints" / f"step_{N:08d}.pt", payload)
+    (tmp_path / "synthetic").symlink_to(straight / "synthetic")
+    result = run(tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"step_{N:08d}.pt: lacks torch_rng_state, which resuming needs; use --no-resume with another --output")
+    )
+
+
 def test_no_resume_starts_over_and_finds_every_graph_in_the_persistent_cache(straight, compile_cache, tmp_path):
     output = tmp_path / "again"
-    (output / "checkpoints").mkdir(parents=True)
-    (output / "checkpoints" / f"step_{N:08d}.pt").write_bytes((straight / "checkpoints" / f"step_{N:08d}.pt").read_bytes())
+    output.mkdir()
+    (output / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')  # a run killed before its first checkpoint
     args = command(output, "train.steps=2", f"runtime.compile_cache={compile_cache}") + ["--no-resume"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["resumed_from_step"] == 0
+    assert sorted(losses(output)) == [1, 2]  # the killed run's row is gone
     # A second launch of the same config traces the very graphs of the first: each one is in
     # the persistent cache (torch_xla 2.9's CPU client then fails to load it and compiles
     # again, counted as a load failure; TPU loads it: docs/performance.md).

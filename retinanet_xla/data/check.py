@@ -52,6 +52,8 @@ def check_dataset(annotations: Path, images: Path, decode: bool = True) -> Check
                 )
             readable.append(record)
         dataset.records = readable
+    if not any(len(record.boxes) for record in dataset.records):
+        dataset.note("no usable boxes in any image", str(annotations))
     counts = {mapping_id: 0 for mapping_id in dataset.mapping.category_ids}
     for record in dataset.records:
         for category_id in record.category_ids.tolist():

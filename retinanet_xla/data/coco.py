@@ -97,6 +97,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def _integer(value) -> bool:
+    """A JSON integer (``true`` and ``5.0`` are not ids)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def resolve_image_path(images_dir: Path, file_name: str) -> Optional[Path]:
     """The image's path, or None when ``file_name`` would leave the images directory
     (absolute paths, ``..``, symlinks pointing out)."""
@@ -141,12 +146,16 @@ def load_coco(
     dataset = CocoDataset(annotations_file, images_dir, [], mapping)
 
     images = {}
+    ids = Counter(entry.get("id") for entry in data["images"] if isinstance(entry, dict) and _integer(entry.get("id")))
     for entry in data["images"]:
         _require(
-            isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("file_name"), str),
+            isinstance(entry, dict) and _integer(entry.get("id")) and isinstance(entry.get("file_name"), str),
             annotations_file,
             "every image needs an integer 'id' and a string 'file_name'",
         )
+        if ids[entry["id"]] > 1:  # whose boxes are whose is unknowable: none of them is used
+            dataset.note("duplicate image id (every image with it skipped)", f"id {entry['id']}: {entry['file_name']}")
+            continue
         path = resolve_image_path(images_dir, entry["file_name"])
         if path is None:
             dataset.note("image path outside the images directory", entry["file_name"])
@@ -155,27 +164,35 @@ def load_coco(
             dataset.note("missing image file", str(path))
             continue
         width, height = entry.get("width"), entry.get("height")
-        if not (_number(width) and _number(height) and width > 0 and height > 0):
-            dataset.note("image without positive width/height", entry["file_name"])
+        if not (_number(width) and _number(height) and width >= 1 and height >= 1):
+            dataset.note("image without a width and height of at least 1 pixel", f"{entry['file_name']}: {width}x{height}")
             continue
         images[entry["id"]] = (path, int(width), int(height), [])
 
     for entry in data["annotations"]:
         _require(isinstance(entry, dict), annotations_file, "every annotation must be an object")
-        image = images.get(entry.get("image_id"))
+        image_id, category_id, crowd = entry.get("image_id"), entry.get("category_id"), entry.get("iscrowd", 0)
+        image = images.get(image_id) if _integer(image_id) else None
         bbox = entry.get("bbox")
-        if image is None:
+        if not (_integer(image_id) and _integer(category_id)):
+            dataset.note(
+                "annotation without an integer image_id and category_id",
+                f"annotation {entry.get('id')}: image_id {image_id!r}, category_id {category_id!r}",
+            )
+        elif image is None:
             dataset.note(
                 "annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {entry.get('image_id')}"
             )
-        elif entry.get("category_id") not in categories:
+        elif category_id not in categories:
             dataset.note(
                 "annotation with an unknown category", f"annotation {entry.get('id')} -> category {entry.get('category_id')}"
             )
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
             dataset.note("malformed bbox", f"annotation {entry.get('id')}: {bbox!r}")
+        elif crowd not in (0, 1) or isinstance(crowd, float):  # "0" is a string, true as a bool
+            dataset.note("iscrowd that is not 0 or 1", f"annotation {entry.get('id')}: iscrowd {crowd!r}")
         else:
-            image[3].append((bbox, entry["category_id"], bool(entry.get("iscrowd", 0))))
+            image[3].append((bbox, category_id, bool(crowd)))
 
     for image_id, (path, width, height, annotations) in images.items():
         boxes, category_ids, crowd = [], [], []

@@ -46,6 +46,12 @@ def versions() -> Dict[str, str]:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     """Write ``payload`` (plus format tags and versions) to ``path`` atomically."""
     path = Path(path)
@@ -57,6 +63,7 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the user's group
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -21,6 +21,14 @@ class CheckpointDirectory:
     def step_path(self, step: int) -> Path:
         return self.path / f"step_{step:08d}.pt"
 
+    def remove_leftovers(self) -> List[Path]:
+        """Temporary files of saves that a kill interrupted (``save_checkpoint`` renames only a
+        complete file): one checkpoint's size each. Call only while holding the run lock."""
+        leftovers = sorted(self.path.glob(".*.pt.*.tmp")) if self.path.is_dir() else []
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        return leftovers
+
     def step_checkpoints(self) -> List[Path]:
         """Step checkpoints, oldest first (the zero-padded names sort by step)."""
         return sorted(self.path.glob("step_*.pt"))

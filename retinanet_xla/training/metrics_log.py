@@ -3,6 +3,7 @@ files, and a rich progress bar. Only the master replica writes."""
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -10,11 +11,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: rows past ``step`` (the run that was
+    stopped logged them) are dropped, so every step appears once. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut off by a kill: dropped
+
+
 class MetricsLog:
     def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, console: Optional[Console] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        path = output_dir / "metrics.jsonl"
+        _keep_rows_up_to(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
         self.console = console or Console(stderr=True)
         self.progress = Progress(

@@ -17,7 +17,7 @@ from rich.console import Console
 from retinanet_xla.config import Config, save_config
 from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
-from retinanet_xla.data.splits import dataset_split
+from retinanet_xla.data.splits import dataset_split, truncation_warning
 from retinanet_xla.distributed.launch import replica_runtime
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.distributed.replicas import Replicas
@@ -31,6 +31,9 @@ from retinanet_xla.xla.feed import InputWait, Stopwatch
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
+# What a checkpoint needs beyond what any checkpoint has (rundir.checkpoint.REQUIRED_KEYS) for
+# training to continue exactly where it stopped.
+RESUME_KEYS = ("optimizer", "loss", "torch_rng_state")
 
 
 class TrainingDiverged(RunFailed):
@@ -96,6 +99,9 @@ class Trainer:
         if replicas.is_master:
             save_config(config, self.output_dir / "config.yaml")
         self.coco = dataset_split(config, "train", self.output_dir)
+        truncated = truncation_warning(self.coco, config.data.max_boxes)
+        if truncated and replicas.is_master:
+            logger.warning(truncated)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
         self.runtime = replica_runtime(config, replicas)
@@ -141,6 +147,11 @@ class Trainer:
         if found is None:
             return
         path, payload = found
+        missing = [key for key in RESUME_KEYS if key not in payload]
+        if missing:
+            raise CheckpointError(
+                f"{path}: lacks {', '.join(missing)}, which resuming needs; use --no-resume with another --output"
+            )
         s = self.step_fn
         try:
             s.model.load_state_dict(payload["model"])
