@@ -18,7 +18,7 @@ from retinanet_xla.data import (
     build_loader,
     load_coco,
 )
-from retinanet_xla.data.image_io import read_rgb
+from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 
 SCRIPT = Path(sys.executable).parent / "retinanet-xla"
@@ -386,3 +386,30 @@ def test_truncation_warning_counts_the_boxes_past_max_boxes(tmp_path):
         f"1 of 2 images in {path} have more than data.max_boxes=4 boxes (up to 6); 2 of 7 boxes (28.6%) are dropped "
         "and their objects count as background: set data.max_boxes to 6 to keep them"
     )
+
+
+def test_only_jpeg_and_png_are_decoded_whatever_the_file_name(tmp_path):
+    disguised = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(disguised, format="BMP")
+    with pytest.raises(UnreadableImage, match=r"photo.jpg: not a JPEG or PNG image"):
+        read_rgb(disguised)
+    eps = tmp_path / "vector.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(UnreadableImage, match="not a JPEG or PNG image"):
+        read_rgb(eps)
+
+
+def test_the_pixel_count_is_refused_from_the_header_before_decoding(tmp_path, monkeypatch):
+    from retinanet_xla.data import image_io
+
+    path = tmp_path / "large.png"
+    Image.new("L", (300, 200)).save(path)
+    monkeypatch.setattr(image_io, "MAX_PIXELS", 50_000)
+    with pytest.raises(UnreadableImage, match=r"large.png: 300x200 pixels, more than the 50,000 allowed"):
+        read_rgb(path)
+
+
+def test_sixteen_bit_png_keeps_its_top_byte(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 256, 65535, 40000]], dtype=np.uint16)).save(path)
+    assert np.asarray(read_rgb(path))[0, :, 0].tolist() == [0, 1, 255, 156]
