@@ -143,11 +143,15 @@ def predict(
     from retinanet_xla.inference.predict import predict as run_predict
 
     loaded = load_for_inference(checkpoint, overrides)
-    try:
-        json_path = run_predict(loaded, inputs, output, score_threshold)
-    except FileNotFoundError as error:
-        raise ConfigError(str(error)) from None
-    typer.echo(f"wrote {json_path}")
+    done = run_predict(loaded, inputs, output, score_threshold)
+    typer.echo(
+        f"{done.images} image(s), {done.detections} detection(s) at score >= {score_threshold}, "
+        f"{len(done.unreadable)} unreadable; wrote {done.json_path}"
+    )
+    if done.unreadable:  # everything readable was still written
+        for problem in done.unreadable[:5]:
+            typer.echo(f"error: unreadable image: {problem}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("export")

@@ -163,8 +163,11 @@ def test_predict_draws_and_writes_detections(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert len(written["images"]) == 1 + 7  # the file, then the directory's 7 images
+    # The file given twice (alone and in its directory) is drawn twice, under two names.
+    assert [entry["picture"] for entry in written["images"][:3]] == ["000001.png", "000001-2.png", "000002.png"]
+    assert result.stdout.strip().splitlines()[-1].startswith("8 image(s), ")
     for entry in written["images"]:
-        assert (tmp_path / "pred" / (Path(entry["file"]).stem + ".png")).is_file()
+        assert (tmp_path / "pred" / entry["picture"]).is_file()
         assert 0 < len(entry["detections"]) <= 100
         for detection in entry["detections"]:
             x, y, w, h = detection["bbox"]
@@ -242,3 +245,23 @@ def test_eval_predict_and_export_of_a_run_skip_an_unusable_newest_checkpoint(tra
     skipped = [record.getMessage() for record in caplog.records if "skipping unusable checkpoint" in record.getMessage()]
     assert len(skipped) == 3 and all(str(newest) in message for message in skipped)  # eval, predict, export
     assert (run / "export" / "step_00000012" / "model.torchscript.pt").is_file()
+
+
+def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained, tmp_path, capsys, monkeypatch):
+    output, _ = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "..jpg").write_bytes((output / "synthetic" / "val" / "000001.jpg").read_bytes())  # a name that was special
+    (inputs / "broken.png").write_bytes(b"not a png")
+    result = run_cli(capsys, monkeypatch, "predict", output, inputs, "--output", tmp_path / "pred")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("2 image(s), ") and ", 1 unreadable; wrote " in result.stdout
+    assert result.stderr.strip().splitlines() == [f"error: unreadable image: {inputs / 'broken.png'}: not a JPEG or PNG image"]
+    written = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert [entry.get("picture") for entry in written["images"]] == ["image.png", None]
+    assert (tmp_path / "pred" / "image.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run_cli(capsys, monkeypatch, "predict", output, empty, "--output", tmp_path / "none")
+    assert nothing.exit_code == 2 and nothing.stderr.strip() == f"error: {empty}: no .jpg/.jpeg/.png images to predict on"
+    assert not (tmp_path / "none").exists()

@@ -3,6 +3,7 @@
 import colorsys
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -12,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import letterbox
+from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.inference.loading import LoadedModel
 from retinanet_xla.ops.postprocess import to_original_pixels
@@ -20,16 +22,42 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def collect_images(paths: Sequence[Path]) -> List[Path]:
-    """Files as given; directories contribute their JPEG/PNG files, sorted."""
+    """Files as given; directories contribute their JPEG/PNG files, sorted. Raises
+    ``ConfigError`` for a missing path and when there is no image at all."""
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file():
             found.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such image or directory")
+            raise ConfigError(f"{path}: no such image or directory")
+    if not found:
+        raise ConfigError(f"{', '.join(map(str, paths))}: no {'/'.join(IMAGE_SUFFIXES)} images to predict on")
     return found
+
+
+def picture_names(paths: Sequence[Path]) -> List[str]:
+    """One PNG name per input, from its file name, never the same twice (``a/x.jpg`` and
+    ``b/x.jpg`` give ``x.png`` and ``x-2.png``) and never a special name (``..jpg``)."""
+    names, used = [], set()
+    for path in paths:
+        stem = path.stem.strip(".") or "image"
+        name, number = f"{stem}.png", 1
+        while name in used:
+            number += 1
+            name = f"{stem}-{number}.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+@dataclass
+class PredictSummary:
+    json_path: Path
+    images: int
+    detections: int
+    unreadable: List[str]
 
 
 def _colour(label: int):
@@ -52,28 +80,30 @@ def draw(image: Image.Image, detections: List[Dict]) -> Image.Image:
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_threshold: float) -> Path:
+def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_threshold: float) -> PredictSummary:
     """Run the model on every image (batches padded to ``eval.batch_size``, so one graph), write
-    ``output_dir/<name>.png`` per image and ``output_dir/detections.json``; return the JSON path."""
+    ``output_dir/<name>.png`` per image (``picture_names``) and ``output_dir/detections.json``."""
     config, runtime = loaded.config, loaded.runtime
     postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size = tuple(config.data.image_size)
     batch_size = config.eval.batch_size
     detector = Detector(loaded.model, config, runtime)
-    output_dir.mkdir(parents=True, exist_ok=True)
     images = collect_images(paths)
-    results = []
+    pictures = picture_names(images)  # by position: the same file may be given twice
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results, unreadable = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         decoded, canvases, scales = [], [], []
-        for path in chunk:
+        for index, path in enumerate(chunk, start):
             try:
                 image = read_rgb(path)
             except UnreadableImage as error:
-                results.append({"file": str(path), "error": str(error), "detections": []})
+                results.append((index, {"file": str(path), "error": str(error), "detections": []}))
+                unreadable.append(str(error))
                 continue
             canvas, _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
-            decoded.append((path, image))
+            decoded.append((index, path, image))
             canvases.append(canvas)
             scales.append(scale)
         if not decoded:
@@ -81,11 +111,11 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_
         pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
         pixels[: len(canvases)] = np.stack(canvases)
         content = torch.zeros(batch_size, 2)
-        for index, ((_, image), scale) in enumerate(zip(decoded, scales)):
-            content[index] = torch.tensor([round(image.height * scale), round(image.width * scale)])
+        for slot, ((_, _, image), scale) in enumerate(zip(decoded, scales)):
+            content[slot] = torch.tensor([round(image.height * scale), round(image.width * scale)])
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
         found_per_image = detector(batch, content.to(runtime.device), postprocess)
-        for (path, image), scale, found in zip(decoded, scales, found_per_image):
+        for (index, path, image), scale, found in zip(decoded, scales, found_per_image):
             boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
             ids = loaded.mapping.to_category_ids(found.labels.numpy())
             detections = [
@@ -100,10 +130,12 @@ def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_
                     boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
                 )
             ]
-            draw(image, detections).save(output_dir / f"{path.stem}.png")
-            results.append({"file": str(path), "width": image.width, "height": image.height, "detections": detections})
+            draw(image, detections).save(output_dir / pictures[index])
+            entry = {"file": str(path), "picture": pictures[index], "width": image.width, "height": image.height}
+            results.append((index, {**entry, "detections": detections}))
+    results = [entry for _, entry in sorted(results, key=lambda item: item[0])]  # the order of the inputs
     json_path = output_dir / "detections.json"
     json_path.write_text(
         json.dumps({"checkpoint": str(loaded.checkpoint), "score_threshold": score_threshold, "images": results}, indent=1)
     )
-    return json_path
+    return PredictSummary(json_path, len(images), sum(len(entry["detections"]) for entry in results), unreadable)
