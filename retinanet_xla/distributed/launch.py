@@ -68,14 +68,14 @@ def _replica_entry(index: int, function: Callable, args: tuple, agreed_errors: t
     except agreed_errors:
         raise
     except BaseException as error:  # noqa: BLE001 - every other failure must end every replica
-        if isinstance(error, UserError):
+        if isinstance(error, (UserError, RunFailed)):  # their message is the whole story
             print(f"error: {error}", file=sys.stderr, flush=True)
         else:
             print(f"error: replica {replicas.rank} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(error.exit_code if isinstance(error, UserError) else RunFailed.exit_code)
+        os._exit(error.exit_code if isinstance(error, (UserError, RunFailed)) else RunFailed.exit_code)
 
 
 def local_replica_count(device: str, num_devices: Optional[int]) -> Optional[int]:

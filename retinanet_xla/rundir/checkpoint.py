@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 import torch
 
-from retinanet_xla.errors import CheckpointError
+from retinanet_xla.errors import CheckpointError, RunFailed
 
 FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
@@ -53,10 +53,21 @@ def _umask() -> int:
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` (plus format tags and versions) to ``path`` atomically."""
+    """Write ``payload`` (plus format tags and versions) to ``path`` atomically. A full or
+    read-only disk raises ``RunFailed`` with one line naming the file; nothing is left behind
+    and the checkpoints written before are intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **to_cpu(payload)}
+    try:
+        _write_atomically(path, payload)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = getattr(error, "strerror", None) or (lines[-1] if lines else type(error).__name__)
+        raise RunFailed(f"{path}: could not write the checkpoint ({reason}); the checkpoints before it are intact") from None
+
+
+def _write_atomically(path: Path, payload: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:

@@ -25,8 +25,11 @@ class RunLock:
         self._handle: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # the run's first write: a read-only or full disk, a file in the way
+            raise ConfigError(f"{self.path.parent}: cannot write the run here ({error.strerror})") from None
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

@@ -1,0 +1,56 @@
+"""Disk faults end a command in one line, and lose nothing that was written before."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from retinanet_xla.errors import ConfigError, RunFailed
+from retinanet_xla.rundir import checkpoint as checkpoint_module
+from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
+from retinanet_xla.rundir.lock import RunLock
+from tests.cli_helpers import ROOT, run_cli
+
+PAYLOAD = {"step": 1, "model": {"w": torch.ones(3)}, "config": {}, "category_mapping": {}}
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "step_00000002.pt"
+    save_checkpoint(target, PAYLOAD)
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(obj, handle):
+        real_save(obj, handle)
+        handle.truncate(100)  # what was written before ENOSPC
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+            "PytorchStreamWriter failed writing file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(RunFailed) as failure:
+        save_checkpoint(target, {**PAYLOAD, "step": 2})
+    assert str(failure.value) == (
+        f"{target}: could not write the checkpoint (PytorchStreamWriter failed writing file data/0: file write failed); "
+        "the checkpoints before it are intact"
+    )
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary file left
+    assert load_checkpoint(target)["step"] == 1
+
+
+def test_a_checkpoint_directory_that_cannot_exist_is_one_line(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the directory goes")
+    with pytest.raises(RunFailed, match=r"step_00000001.pt: could not write the checkpoint \(File exists\)"):
+        save_checkpoint(tmp_path / "checkpoints" / "step_00000001.pt", PAYLOAD)
+
+
+def test_an_output_directory_that_cannot_be_written_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as error, RunLock(blocker / "run"):
+        pass
+    assert str(error.value) == f"{blocker / 'run'}: cannot write the run here ({os.strerror(errno.ENOTDIR)})"
+    result = run_cli(capsys, monkeypatch, "train", ROOT / "configs" / "smoke.yaml", "--output", blocker / "run")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {error.value}"
