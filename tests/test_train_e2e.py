@@ -265,3 +265,25 @@ def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained
     nothing = run_cli(capsys, monkeypatch, "predict", output, empty, "--output", tmp_path / "none")
     assert nothing.exit_code == 2 and nothing.stderr.strip() == f"error: {empty}: no .jpg/.jpeg/.png images to predict on"
     assert not (tmp_path / "none").exists()
+
+
+def test_eval_on_data_whose_categories_differ_from_training_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    """The model would score its classes against other ones (AP 0.000) without a word."""
+    output, _ = trained
+    data = json.loads((output / "synthetic" / "annotations" / "instances_val.json").read_text())
+    checkpoint = output / "checkpoints" / "step_00000012.pt"
+    renamed = {**data, "categories": [{**c, "name": "dog"} if c["id"] == 3 else c for c in data["categories"]]}
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    args = ["eval", checkpoint, "--images", output / "synthetic" / "val", "--output", tmp_path / "eval", "--data"]
+    result = run_cli(capsys, monkeypatch, *args, tmp_path / "renamed.json")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: {tmp_path / 'renamed.json'}: category 3 is 'dog' here but 'triangle' in the training set of {checkpoint} "
+        "(1 categories differ)"
+    )
+    extra = {**data, "categories": [*data["categories"], {"id": 9, "name": "boat"}]}
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    result = run_cli(capsys, monkeypatch, *args, tmp_path / "extra.json")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: model.num_classes is 4 but {tmp_path / 'extra.json'} needs 5 with data.label_mapping contiguous"
+    )
+    assert not (tmp_path / "eval").exists()

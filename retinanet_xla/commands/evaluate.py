@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
 from retinanet_xla.distributed.replicas import Replicas
@@ -31,9 +32,18 @@ def evaluate_checkpoint(
     if count is not None:
         Replicas(world=count).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
     coco = dataset_split(config, "val", checkpoint.parent.parent)  # checked, and written once if synthetic
-    unknown = sorted(set(coco.mapping.category_ids) - set(payload["category_mapping"]["category_ids"]))
+    trained = CategoryMapping.from_dict(payload["category_mapping"])
+    unknown = sorted(set(coco.mapping.category_ids) - set(trained.category_ids))
     if unknown:
         raise ConfigError(f"{coco.annotations_file}: categories {unknown[:5]} were not in the training set of {checkpoint}")
+    # The same id under another name is another class: the model would be scored on the wrong one.
+    renamed = [i for i in coco.mapping.category_ids if coco.mapping.names[i] != trained.names.get(i, coco.mapping.names[i])]
+    if renamed:
+        first = renamed[0]
+        raise ConfigError(
+            f"{coco.annotations_file}: category {first} is {coco.mapping.names[first]!r} here but "
+            f"{trained.names[first]!r} in the training set of {checkpoint} ({len(renamed)} categories differ)"
+        )
     del payload  # each replica loads its own copy
     return run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config), output_dir
 
