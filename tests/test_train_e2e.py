@@ -48,7 +48,14 @@ def test_training_run_succeeds_without_recompiling(trained):
     assert summary["images_per_second"] > 0 and summary["wall_seconds"] > summary["first_step_seconds"] > 0
     assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     assert 0.0 <= summary["device_wait_fraction"] < 1.0
-    assert "WARNING" not in result.stderr
+    # The one warning: TINY's data.max_boxes=4 is below the synthetic images' 5 boxes.
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "have more than data.max_boxes=4 boxes (up to 5)" in warnings[0]
+    # Redirected output (not a terminal): one plain line per log step, and where TensorBoard is.
+    plain = [line for line in result.stderr.splitlines() if line.startswith("step ") and "/12  loss " in line]
+    assert [line.split("/")[0] for line in plain] == ["step 1", "step 4", "step 6", "step 8", "step 12"]
+    assert "ETA 0:" in plain[-2] and " img/s" in plain[-1] and "(cls " in plain[0]
+    assert f"TensorBoard: tensorboard --logdir {output / 'tensorboard'}" in result.stderr
 
 
 def test_the_profiler_traced_the_configured_steps(trained):
@@ -82,6 +89,7 @@ def test_outputs_checkpoints_and_logs(trained):
     assert all({"loss", "cls_loss", "box_loss", "lr", "grad_norm"} <= set(line) for line in train_lines)
     assert [line["step"] for line in eval_lines] == [6, 12]
     assert all(0.0 <= line["eval"]["AP50"] <= 1.0 for line in eval_lines)
+    assert all(set(line["eval"]["per_category_AP"]) == {"rectangle", "ellipse", "triangle", "cross"} for line in eval_lines)
     best = load_checkpoint(output / "checkpoints" / "best.pt")
     best_step = max(eval_lines, key=lambda line: line["eval"]["AP"])["step"]
     assert best["step"] == best_step

@@ -1,9 +1,11 @@
 """Where logged values go: ``metrics.jsonl`` (one JSON object per log step), TensorBoard event
 files, and a rich progress bar. Only the master replica writes."""
 
+import datetime
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -40,6 +42,10 @@ class MetricsLog:
         self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
         self.console = console or Console(stderr=True)
+        # In a terminal a live bar; redirected to a file (nohup, a TPU VM job, CI) a bar shows
+        # nothing until the end, so every log step prints one plain line instead.
+        self.plain = not self.console.is_terminal
+        self.total_steps, self.started = total_steps, (start_step, time.monotonic())
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -49,6 +55,7 @@ class MetricsLog:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            disable=self.plain,
         )
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="compiling")
         self.progress.start()
@@ -65,16 +72,37 @@ class MetricsLog:
         if "images_per_second" in values:
             status += f"  {values['images_per_second']:.1f} img/s"
         self.progress.update(self.task, completed=step, status=status)
+        if self.plain:
+            self.message(self._plain_line(step, values))
 
-    def write_eval(self, step: int, metrics: Dict[str, float]) -> None:
+    def _plain_line(self, step: int, values: Dict[str, float]) -> str:
+        """``step 100/800  loss 2.41 (cls 0.62 + box 0.18 x weight)  lr 0.01  16.8 img/s  ETA 0:03:12``."""
+        line = (
+            f"step {step}/{self.total_steps}  loss {values['loss']:.4f} "
+            f"(cls {values['cls_loss']:.4f} + weighted box {values['loss'] - values['cls_loss']:.4f})  lr {values['lr']:.4g}"
+        )
+        if "images_per_second" in values:
+            line += f"  {values['images_per_second']:.1f} img/s"
+        first_step, first_time = self.started
+        if step > first_step + 1:
+            seconds_per_step = (time.monotonic() - first_time) / (step - first_step)
+            line += f"  ETA {datetime.timedelta(seconds=round(seconds_per_step * (self.total_steps - step)))}"
+        return line
+
+    def write_eval(self, step: int, metrics: Dict) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        self.jsonl.write(json.dumps({"step": step, "eval": scalars}) + "\n")
+        per_category = metrics.get("per_category_AP", {})
+        self.jsonl.write(json.dumps({"step": step, "eval": {**scalars, "per_category_AP": per_category}}) + "\n")
         for key, value in scalars.items():
             self.tensorboard.add_scalar(f"eval/{key}", value, step)
+        for name, value in per_category.items():
+            if value >= 0:  # -1: no ground truth of that category in the split
+                self.tensorboard.add_scalar(f"eval_AP_per_category/{name}", value, step)
         self.message(f"step {step}: eval AP {scalars['AP']:.3f}  AP50 {scalars['AP50']:.3f}  AP75 {scalars['AP75']:.3f}")
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        # One line each, unwrapped: a log file is read with grep, not at 80 columns.
+        self.progress.console.print(text, soft_wrap=True, markup=False, highlight=False)
 
     def close(self) -> None:
         self.progress.stop()

@@ -191,6 +191,7 @@ class Trainer:
             f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
             f"on {runtime.device} -> {self.output_dir}"
         )
+        log.message(f"TensorBoard: tensorboard --logdir {self.output_dir / 'tensorboard'}")
         cadence = Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, replicas.world)
         compiles = CompileWatch(lambda: runtime.compilations()["count"])
         tensorboard = self.output_dir / "tensorboard"
