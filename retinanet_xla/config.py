@@ -27,6 +27,7 @@ LABEL_MAPPINGS = ("contiguous", "raw")
 BACKBONE_NORMS = ("frozen_bn", "bn", "cross_replica_bn", "gn")
 HEAD_NORMS = ("none", "gn")
 BOX_LOSSES = ("smooth_l1", "huber", "l1", "giou")
+MODEL_PARTS = ("backbone", "fpn", "head")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("xla", "cpu", "cuda")
@@ -173,9 +174,27 @@ class ModelConfig:
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     box_coder_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    # A trained detector to start from (docs/models.md, "Fine-tuning"): a retinanet-xla
+    # checkpoint or run directory, or a torchvision RetinaNet state-dict file. Fresh runs only.
+    init_from: Optional[str] = None
+    init_class_map: Dict[str, str] = field(default_factory=dict)  # target class name -> source class name or id
+    trainable: List[str] = field(default_factory=lambda: list(MODEL_PARTS))  # the parts that train
 
     def __post_init__(self):
         _require(self.num_classes > 0, "num_classes", self.num_classes, "> 0")
+        parts = self.trainable
+        _require(
+            set(parts) <= set(MODEL_PARTS) and len(set(parts)) == len(parts),
+            "trainable",
+            parts,
+            "a list of " + ", ".join(MODEL_PARTS),
+        )
+        _require(
+            not self.init_class_map or self.init_from is not None,
+            "init_class_map",
+            self.init_class_map,
+            "empty unless init_from is set",
+        )
         _require(self.fpn_channels > 0, "fpn_channels", self.fpn_channels, "> 0")
         weights = self.box_coder_weights
         _require(len(weights) == 4 and min(weights) > 0, "box_coder_weights", weights, "4 positive numbers (x, y, w, h)")
@@ -338,6 +357,8 @@ def _type_name(hint) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None)) + " or null"
     if origin in (list, List):
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin in (dict, Dict):
+        return f"a mapping of names to {_type_name(typing.get_args(hint)[1])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
@@ -354,6 +375,15 @@ def _convert(value, hint, key: str, where: str):
             raise wrong
         (inner,) = typing.get_args(hint)
         return [_convert(v, inner, key, where) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise wrong
+        _, inner = typing.get_args(hint)
+        # Keys are names; a YAML value such as 1 (a category id) is kept as its text.
+        return {
+            str(k): _convert(str(v) if inner is str and isinstance(v, int) else v, inner, f"{key}.{k}", where)
+            for k, v in value.items()
+        }
     if hint is bool:
         if not isinstance(value, bool):
             raise wrong

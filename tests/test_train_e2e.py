@@ -295,3 +295,46 @@ def test_eval_on_data_whose_categories_differ_from_training_is_one_line(trained,
         f"error: model.num_classes is 4 but {tmp_path / 'extra.json'} needs 5 with data.label_mapping contiguous"
     )
     assert not (tmp_path / "eval").exists()
+
+
+def test_fine_tuning_from_a_run_on_other_classes_then_resuming_ignores_init_from(trained, tmp_path, capsys, monkeypatch):
+    """Two of the four shapes, one of them under a new name, started from the trained run."""
+    output, _ = trained
+    source = json.loads((output / "synthetic" / "annotations" / "instances_train.json").read_text())
+    kept = {2: "oval", 4: "cross"}
+    subset = {
+        "images": source["images"],
+        "annotations": [a for a in source["annotations"] if a["category_id"] in kept],
+        "categories": [{"id": i, "name": name} for i, name in kept.items()],
+    }
+    (tmp_path / "subset.json").write_text(json.dumps(subset))
+    images = output / "synthetic" / "train"
+    settings = [
+        f"data.train.annotations={tmp_path / 'subset.json'}",
+        f"data.train.images={images}",
+        "model.num_classes=2",
+        f"model.init_from={output}",
+        "model.init_class_map={oval: ellipse, cross: 4}",
+        "model.trainable=[fpn, head]",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    ]
+    run = tmp_path / "finetune"
+    result = run_cli(capsys, monkeypatch, *train_command(run, *settings)[1:])
+    assert result.exit_code == 0, result.stderr[-3000:]
+    newest = load_checkpoint(output / "checkpoints" / "step_00000012.pt")
+    line = next(line for line in result.stderr.splitlines() if line.startswith("init_from "))
+    assert line.startswith(f"init_from {output}: loaded ") and line.endswith(
+        "classes carried over: oval <- ellipse, cross <- cross"
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["compilations_after_warmup"] == 0 and summary["steps"] == 2
+    tuned = load_checkpoint(run / "checkpoints" / "step_00000002.pt")["model"]
+    body = "backbone.body.layer1.0.conv1.weight"
+    assert torch.equal(tuned[body], newest["ema"][body])  # loaded (from the weight average) and frozen
+    assert not torch.equal(tuned["head.regression_head.bbox_reg.weight"], newest["ema"]["head.regression_head.bbox_reg.weight"])
+    again = run_cli(capsys, monkeypatch, *train_command(run, *settings, "train.steps=3")[1:])
+    assert again.exit_code == 0, again.stderr[-3000:]
+    assert f"model.init_from {output} ignored: resuming from {run / 'checkpoints' / 'step_00000002.pt'}" in again.stderr

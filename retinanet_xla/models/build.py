@@ -21,15 +21,20 @@ def _build_model(config: Config) -> RetinaNet:
     anchors = AnchorGenerator(
         m.anchors.sizes, m.anchors.scales, m.anchors.aspect_ratios, m.anchors.offset, m.anchors.torchvision_rounding
     )
-    return RetinaNet(
+    model = RetinaNet(
         num_classes=m.num_classes,
         backbone=m.backbone.name,
         fpn_channels=m.fpn_channels,
         head_convs=m.head.convs,
         head_norm=m.head.norm,
         backbone_norm=m.backbone.norm,
-        freeze_at=m.backbone.freeze_at,
+        # A backbone that does not train is frozen whole: its BatchNorm statistics too.
+        freeze_at=m.backbone.freeze_at if "backbone" in m.trainable else 5,
         backbone_weights=Path(m.backbone.weights) if m.backbone.weights else None,
         anchor_generator=anchors,
         prior_probability=m.head.prior_probability,
     )
+    for part, module in (("fpn", model.backbone.fpn), ("head", model.head)):
+        if part not in m.trainable:
+            module.requires_grad_(False)  # the optimizer leaves out parameters without gradient
+    return model

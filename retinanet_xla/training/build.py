@@ -1,8 +1,10 @@
 """The training step from a config: loss, optimizer, schedule and the model on the device."""
 
 import threading
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from retinanet_xla.config import Config
 from retinanet_xla.distributed.replicas import Replicas
@@ -40,13 +42,20 @@ def build_loss(config: Config) -> DetectionLoss:
 _INIT_LOCK = threading.Lock()
 
 
-def build_train_step(config: Config, runtime: Runtime, replicas: Replicas = Replicas()) -> TrainStep:
+def build_train_step(
+    config: Config,
+    runtime: Runtime,
+    replicas: Replicas = Replicas(),
+    initialize: Optional[Callable[[nn.Module], None]] = None,
+) -> TrainStep:
     """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
     with a sync so that weights, buffers and optimizer state are device data before step 1 and
     step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
     with _INIT_LOCK:
         torch.manual_seed(config.train.seed)
         model = build_model(config)
+    if initialize is not None:  # a trained detector's weights (model.init_from), on the host
+        initialize(model)
     ema = None
     if config.train.ema_decay > 0:
         average = build_model(config)

@@ -9,7 +9,7 @@ the other steps. With several replicas, this is one replica's loop (docs/tpu.md)
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from rich.console import Console
@@ -26,6 +26,7 @@ from retinanet_xla.inference.evaluator import Evaluator
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.training.build import build_train_step
 from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck, ProfileWindow, Throughput
+from retinanet_xla.training.init_from import initialize_from
 from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.xla.feed import InputWait, Stopwatch
 
@@ -105,10 +106,12 @@ class Trainer:
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
         self.runtime = replica_runtime(config, replicas)
-        self.step_fn = build_train_step(config, self.runtime, replicas)
+        self.init_report: Optional[str] = None  # what model.init_from did, for the start of the log
+        found = self.checkpoints.newest_valid() if resume else None
+        self.step_fn = build_train_step(config, self.runtime, replicas, self._initializer(found))
         self.start_step, self.best_ap = 0, float("-inf")
-        if resume:
-            self._restore()
+        if found is not None:
+            self._restore(*found)
 
         self.counters = train_batches(config, self.coco, replicas, start_batch=self.start_step)
         self.num_images = len(self.coco.records)
@@ -142,11 +145,26 @@ class Trainer:
             "category_mapping": self.coco.mapping.to_dict(),
         }
 
-    def _restore(self) -> None:
-        found = self.checkpoints.newest_valid()
-        if found is None:
-            return
-        path, payload = found
+    def _initializer(self, resuming: Optional[tuple]) -> Optional[Callable]:
+        """``model.init_from`` for a fresh run; a run that resumes has its own weights."""
+        source = self.config.model.init_from
+        if source is None:
+            return None
+        if resuming is not None:
+            self.init_report = f"model.init_from {source} ignored: resuming from {resuming[0]}"
+            return None
+        names = [self.coco.mapping.names.get(i, str(i)) for i in self.coco.mapping.category_ids]
+        if self.coco.mapping.mode == "raw":  # label = category id: slots without a category are unnamed
+            by_id = dict(zip(self.coco.mapping.category_ids, names))
+            names = [by_id.get(label, f"(no category {label})") for label in range(self.config.model.num_classes)]
+
+        def initialize(model) -> None:
+            anchors = model.anchor_generator.num_anchors_per_location
+            self.init_report = initialize_from(model, Path(source), names, self.config.model.init_class_map, anchors).line()
+
+        return initialize
+
+    def _restore(self, path: Path, payload: Dict) -> None:
         missing = [key for key in RESUME_KEYS if key not in payload]
         if missing:
             raise CheckpointError(
@@ -192,6 +210,8 @@ class Trainer:
             f"on {runtime.device} -> {self.output_dir}"
         )
         log.message(f"TensorBoard: tensorboard --logdir {self.output_dir / 'tensorboard'}")
+        if self.init_report:
+            log.message(self.init_report)
         cadence = Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, replicas.world)
         compiles = CompileWatch(lambda: runtime.compilations()["count"])
         tensorboard = self.output_dir / "tensorboard"
