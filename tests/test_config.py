@@ -166,3 +166,16 @@ def test_an_unknown_backbone_is_one_line_and_exit_code_2(tmp_path, capsys, monke
     assert result.stderr.strip().splitlines() == [
         "error: model: backbone must be one of " + ", ".join(BACKBONES) + ", got 'resnet42'"
     ]
+
+
+def test_a_missing_weights_file_stops_train_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    config = write(tmp_path, "model: {backbone: {name: resnet18}}\n")
+    for key, message in (
+        ("model.backbone.weights", f"model: backbone weights file {tmp_path / 'missing.pth'} does not exist"),
+        ("model.init_from", f"model.init_from {tmp_path / 'missing.pth'}: no such file or directory"),
+    ):
+        result = run_cli(
+            capsys, monkeypatch, "train", config, "--output", tmp_path / "run", "--set", f"{key}={tmp_path / 'missing.pth'}"
+        )
+        assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}"
+        assert not (tmp_path / "run").exists()  # no config.yaml, no synthetic dataset

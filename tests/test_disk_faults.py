@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from retinanet_xla.errors import ConfigError, RunFailed
+from retinanet_xla.errors import CheckpointError, ConfigError, RunFailed
 from retinanet_xla.rundir import checkpoint as checkpoint_module
 from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
 from retinanet_xla.rundir.lock import RunLock
@@ -54,3 +54,21 @@ def test_an_output_directory_that_cannot_be_written_is_one_line_exit_2(tmp_path,
     result = run_cli(capsys, monkeypatch, "train", ROOT / "configs" / "smoke.yaml", "--output", blocker / "run")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {error.value}"
+
+
+def test_a_flipped_byte_inside_a_tensor_is_found(tmp_path):
+    """torch's zip reader does not check CRCs; the checkpoint's own checksum does."""
+    pattern = torch.arange(256, dtype=torch.uint8).repeat(64)  # bytes easy to find in the file
+    path = tmp_path / "step_00000001.pt"
+    save_checkpoint(path, {**PAYLOAD, "model": {"w": pattern, "scalar": torch.tensor(3.0), "flag": torch.tensor([True])}})
+    assert load_checkpoint(path)["step"] == 1
+    data = bytearray(path.read_bytes())
+    offset = data.find(bytes(range(256))) + 100
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    damaged = torch.load(path, weights_only=True)  # what loaded silently before
+    assert not torch.equal(damaged["model"]["w"], pattern)
+    with pytest.raises(
+        CheckpointError, match=r"step_00000001.pt: checksum mismatch \(the file was damaged after it was written\)"
+    ):
+        load_checkpoint(path)

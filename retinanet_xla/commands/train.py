@@ -24,6 +24,7 @@ def train(config: Config, output_dir: Path, resume: bool = True) -> Dict:
     count = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if count is not None:
         check_batch_sizes(config, Replicas(world=count))  # fail before starting anything
+    _check_weight_files(config)  # before config.yaml or the synthetic dataset is written
     with RunLock(output_dir):
         checkpoints = CheckpointDirectory(output_dir)
         existing = checkpoints.step_checkpoints()
@@ -45,6 +46,15 @@ def train(config: Config, output_dir: Path, resume: bool = True) -> Dict:
             return run_on_local_replicas(
                 _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
             )
+
+
+def _check_weight_files(config: Config) -> None:
+    """The files the model starts from exist (their content is checked when the model is built)."""
+    weights, init_from = config.model.backbone.weights, config.model.init_from
+    if weights and not Path(weights).is_file():
+        raise ConfigError(f"model: backbone weights file {weights} does not exist")
+    if init_from and not Path(init_from).exists():
+        raise ConfigError(f"model.init_from {init_from}: no such file or directory")
 
 
 def _train_replica(replicas: Replicas, config: Config, output_dir: Path, resume: bool) -> Dict:

@@ -5,6 +5,7 @@ code. It is written to a temporary file in the same directory, flushed and fsync
 over the target, so a crash mid-write never leaves a truncated checkpoint under the real name.
 """
 
+import hashlib
 import os
 import platform
 import tempfile
@@ -18,6 +19,33 @@ from retinanet_xla.errors import CheckpointError, RunFailed
 FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "category_mapping")
+CHECKSUM_KEY = "sha256"  # of everything else in the file (content_digest); absent in older files
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of a checkpoint payload: every tensor's dtype, shape and bytes, every other
+    value's repr, in key order. About 0.3 s for a ResNet-50 checkpoint's 150 MB."""
+    digest = hashlib.sha256()
+
+    def visit(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(item, dict):
+            digest.update(f"dict {len(item)};".encode())
+            for key in sorted(item, key=str):
+                digest.update(f"{key!r}:".encode())
+                visit(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"list {len(item)};".encode())
+            for element in item:
+                visit(element)
+        else:
+            digest.update(f"{item!r};".encode())
+
+    visit(value)
+    return digest.hexdigest()
 
 
 def to_cpu(value: Any) -> Any:
@@ -58,6 +86,7 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     and the checkpoints written before are intact."""
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **to_cpu(payload)}
+    payload[CHECKSUM_KEY] = content_digest(payload)
     try:
         _write_atomically(path, payload)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
@@ -106,4 +135,8 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    # torch's zip reader does not check its records' CRCs: a flipped bit in a tensor loads.
+    stored = payload.pop(CHECKSUM_KEY, None)
+    if stored is not None and stored != content_digest(payload):
+        raise CheckpointError(f"{path}: checksum mismatch (the file was damaged after it was written)")
     return payload
