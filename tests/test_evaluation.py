@@ -174,3 +174,27 @@ def test_per_class_nms_equals_nms_class_by_class_on_the_reference_candidate_coun
     assert 1000 < len(kept) < 5000  # some suppressed, most kept
     assert torch.equal(kept, expected)
     assert per_class_nms(boxes[:0], scores[:0], labels[:0], 0.5).shape == (0,)
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(tmp_path):
+    """eval.backend: the same 12 numbers (to 1e-6), AP per category and printed summary."""
+    paths = write_synthetic_dataset(tmp_path, num_train=2, num_val=40, seed=3)
+    gt = ground_truth(paths["val"]["annotations"])
+    rng = np.random.default_rng(0)
+    detections = []
+    for truth in ground_truth_as_detections(gt):
+        x, y, w, h = truth["bbox"]
+        for k in range(3):  # near misses, a wrong class, random scores
+            jitter = rng.normal(0, 0.1 * max(w, h), 4)
+            category = truth["category_id"] if k else int(rng.integers(1, 5))
+            box = [x + jitter[0], y + jitter[1], max(w + jitter[2], 1.0), max(h + jitter[3], 1.0)]
+            detections.append({**truth, "bbox": box, "score": float(rng.random()), "category_id": category})
+    image_ids = sorted(gt.getImgIds())[:-3]  # and a restriction to the images that were run
+    reference = evaluate_detections(gt, detections, image_ids)
+    faster = evaluate_detections(gt, detections, image_ids, backend="faster-coco-eval")
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert 0.1 < reference["metrics"]["AP"] < 0.9
+    for name in names:
+        assert faster["metrics"][name] == pytest.approx(reference["metrics"][name], abs=1e-6), name
+    assert faster["metrics"]["per_category_AP"] == pytest.approx(reference["metrics"]["per_category_AP"], abs=1e-6)
+    assert faster["summary"] == reference["summary"] and len(reference["summary"]) == 12

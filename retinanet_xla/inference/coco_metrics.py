@@ -2,6 +2,11 @@
 
 Ground truth is read by us (so custom datasets without ``area`` or ``iscrowd`` still evaluate),
 and detections are indexed directly, so an empty result list is a valid input with AP 0.
+
+``eval.backend: faster-coco-eval`` scores the same indexes with faster-coco-eval's C++
+``COCOeval_faster``: the same 12 numbers (tested to 1e-6), about 15 times faster (measured
+0.29 s vs 0.02 s on 64 images; docs/performance.md). The master scores while every other
+replica waits, so on COCO val it is minutes saved at every evaluation.
 """
 
 import contextlib
@@ -14,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from retinanet_xla.errors import ConfigError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -48,19 +55,30 @@ def results_index(gt: COCO, detections: Sequence[Dict]) -> COCO:
     return results
 
 
-def evaluate_detections(gt: COCO, detections: Sequence[Dict], image_ids: Optional[Sequence[int]] = None) -> Dict:
+def evaluate_detections(
+    gt: COCO, detections: Sequence[Dict], image_ids: Optional[Sequence[int]] = None, backend: str = "pycocotools"
+) -> Dict:
     """``metrics`` (the 12 standard numbers and AP per category name) and ``summary`` (the 12
     lines pycocotools prints, verbatim). ``image_ids`` restricts the evaluation to the images
     that were actually run (skipped images are not counted as misses)."""
-    evaluator = COCOeval(gt, results_index(gt, detections), "bbox")
+    results = results_index(gt, detections)
+    printed = io.StringIO()
+    if backend == "faster-coco-eval":
+        evaluator = _faster_evaluator(gt, results, lambda line: printed.write(f"{line}\n"))
+    else:
+        evaluator = COCOeval(gt, results, "bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
-    printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    summary = [line for line in printed.getvalue().splitlines() if line.startswith(" Average")]
+    # The 12 standard lines (faster-coco-eval adds AR at IoU 0.50 and 0.75).
+    summary = [
+        line
+        for line in printed.getvalue().splitlines()
+        if line.startswith(" Average Precision") or line.startswith(" Average Recall") and "IoU=0.50:0.95" in line
+    ]
     metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
     per_category = {}
     precision = evaluator.eval["precision"]  # [IoU, recall, category, area, max dets]
@@ -70,6 +88,23 @@ def evaluate_detections(gt: COCO, detections: Sequence[Dict], image_ids: Optiona
         per_category[gt.cats[category_id]["name"]] = float(np.mean(values)) if values.size else -1.0
     metrics["per_category_AP"] = per_category
     return {"metrics": metrics, "summary": summary}
+
+
+def _faster_evaluator(gt: COCO, results: COCO, print_line):
+    """faster-coco-eval's evaluator over the same ground truth and results."""
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        raise ConfigError("eval.backend faster-coco-eval is not installed: pip install 'retinanet-xla[eval]'") from None
+    indexes = []
+    for source in (gt, results):
+        index = FasterCOCO()
+        index.dataset = source.dataset
+        with contextlib.redirect_stdout(io.StringIO()):
+            index.createIndex()
+        indexes.append(index)
+    return COCOeval_faster(*indexes, "bbox", print_function=print_line)
 
 
 def ground_truth_as_detections(gt: COCO, image_ids: Optional[Sequence[int]] = None) -> List[Dict]:

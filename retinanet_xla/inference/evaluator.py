@@ -106,7 +106,7 @@ class Evaluator:
         detections = self.predict(model)
         if detections is None:
             return None
-        result = evaluate_detections(self.gt, detections, [r.image_id for r in self.coco.records])
+        result = evaluate_detections(self.gt, detections, [r.image_id for r in self.coco.records], self.config.eval.backend)
         result["detections"] = detections
         return result
 
