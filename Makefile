@@ -31,10 +31,16 @@ test-fast: $(STAMP)
 # Train the smoke model on the synthetic dataset on CPU XLA, evaluate it, and export it to ONNX
 # checked against the package (about 10 minutes on a 2-core CPU after the one-time install).
 demo: $(STAMP)
+	@if [ -d runs/demo ]; then echo "make demo: replacing the previous demo run in runs/demo"; fi
 	rm -rf runs/demo
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla train configs/smoke.yaml --output runs/demo
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla eval runs/demo
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla export runs/demo --format onnx --check
+	@echo
+	@echo "Done. Next, try:"
+	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla predict runs/demo runs/demo/synthetic/val --output runs/demo/predict"
+	@echo "  $(BIN)/tensorboard --logdir runs/demo/tensorboard        # losses, learning rate, AP over steps"
+	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/640-3x.yaml --steps 3 --set 'data.image_size=[256,256]' --set train.batch_size=2 --set model.backbone.weights=null"
 
 # Benchmarks; record the results in docs/performance.md with the machine and date.
 bench: $(STAMP)

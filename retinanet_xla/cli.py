@@ -37,7 +37,15 @@ def root(
     """Train, evaluate and export RetinaNet detectors on TPU (and CPU) with PyTorch/XLA."""
 
 
-SET_HELP = "Override a config key, e.g. --set train.steps=200 --set data.image_size=[512,512]. Repeatable."
+def set_help(example: str) -> str:
+    return f"Override a config key (repeatable), e.g. {example}."
+
+
+TRAIN_SET = set_help("--set train.steps=200 --set data.image_size=[512,512]")
+BENCH_SET = set_help("--set train.batch_size=16 --set train.precision=fp32")
+EVAL_SET = set_help("--set eval.score_threshold=0.01 --set eval.backend=faster-coco-eval")
+PREDICT_SET = set_help("--set eval.nms_iou=0.6 --set eval.max_detections=50")
+EXPORT_SET = set_help("--set eval.max_detections=50 --set eval.pre_nms_top_k=1000")
 DEVICES_HELP = "Replicas to run, one per local XLA device (runtime.num_devices; default: every device). 1 runs in this process."
 
 
@@ -48,7 +56,7 @@ def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=TRAIN_SET),
     output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."
@@ -57,8 +65,9 @@ def train(
 ) -> None:
     """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory.
 
-    Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a
-    checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1."""
+    Resumes from the newest valid checkpoint in the output directory. SIGTERM/SIGINT saves a checkpoint at the next step and exits with code 75; the loss turning NaN exits with code 1.
+
+    Example: retinanet-xla train configs/640-3x.yaml --output runs/640-3x --set train.steps=200"""
     from retinanet_xla.commands.train import train as run_training
 
     settings = load_config(config, _with_devices(overrides, devices))
@@ -70,7 +79,7 @@ def train(
 def bench(
     config: Path = typer.Argument(..., help="YAML config file; its model, input size and batch are used."),
     steps: int = typer.Option(20, "--steps", min=2, help="Steps to run; the first one compiles."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=BENCH_SET),
     json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
     input_pipeline: bool = typer.Option(
@@ -79,8 +88,9 @@ def bench(
         help="Feed the steps through the data pipeline (the config's train split, or synthetic images) and report how long the device waited for input.",
     ),
 ) -> None:
-    """Time the training step on synthetic batches (no dataset), on every local XLA device as train
-    would: compile time, step time, images/s."""
+    """Time the training step on synthetic batches (no dataset), on every local XLA device as train would: compile time, step time, images/s.
+
+    Example: retinanet-xla bench configs/640-3x.yaml --steps 50"""
     from retinanet_xla.commands.bench import benchmark
 
     settings = load_config(config, _with_devices(overrides, devices))
@@ -99,18 +109,20 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train, or a run directory (its newest valid checkpoint)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=EVAL_SET),
     output: Optional[Path] = typer.Option(
         None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."
     ),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
 ) -> None:
-    """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json."""
+    """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json.
+
+    Example: retinanet-xla eval runs/640-3x --data coco/annotations/instances_val2017.json --images coco/val2017"""
     from rich.console import Console
     from rich.table import Table
 
@@ -130,15 +142,17 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
     inputs: List[Path] = typer.Argument(..., help="Images, or directories of JPEG/PNG images."),
     output: Path = typer.Option(..., "--output", help="Directory for the drawn PNGs and detections.json."),
     score_threshold: float = typer.Option(
         0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."
     ),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=PREDICT_SET),
 ) -> None:
-    """Draw detections on images (PNG) and write them all to one JSON file."""
+    """Draw detections on images (PNG) and write them all to one JSON file.
+
+    Example: retinanet-xla predict runs/demo runs/demo/synthetic/val --output runs/demo/predict"""
     from retinanet_xla.inference.loading import load_for_inference
     from retinanet_xla.inference.predict import predict as run_predict
 
@@ -156,22 +170,23 @@ def predict(
 
 @app.command("export")
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | exported-program | stablehlo"),
     output: Optional[Path] = typer.Option(
         None, "--output", help="Directory for the artefact and its JSON (default: RUN/export/STEP)."
     ),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="The fixed batch size of the exported graph."),
     float_input: bool = typer.Option(False, "--float-input", help="Take normalised float32 images instead of uint8 pixels."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=EXPORT_SET),
     check: bool = typer.Option(
         False,
         "--check",
         help="Run the artefact on validation images and compare with the in-package model (exit 1 if they differ).",
     ),
 ) -> None:
-    """Write the detector for serving: fixed-size outputs with NMS in the graph (StableHLO: the
-    fixed-size candidates), and a JSON with the input size, normalisation and categories."""
+    """Write the detector for serving: fixed-size outputs with NMS in the graph (StableHLO: the fixed-size candidates), and a JSON with the input size, normalisation and categories.
+
+    Example: retinanet-xla export runs/demo --format onnx --check"""
     from retinanet_xla.export.formats import check_passes
     from retinanet_xla.export.run import export_checkpoint
 
