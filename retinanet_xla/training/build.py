@@ -73,6 +73,12 @@ def build_train_step(
     step = TrainStep(
         model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, replicas, ema
     )
+    # Loaded weights (ImageNet files, model.init_from) bring scalar buffers of equal values,
+    # the BatchNorm step counters, which torch_xla would share as one device buffer: step 2
+    # would then compile again (measured: one compilation after warm-up when fine-tuning).
+    scalars = [*model.state_dict().values(), *loss_fn.state_dict().values()]
+    scalars += list(ema.model.state_dict().values()) if ema is not None else []
+    runtime.separate_scalars(scalars)
     # Replicas that are threads of one process take turns (as for a collective graph), so the
     # first compiles this graph and the others find it compiled, instead of all compiling it.
     runtime.sync(collective=True)
