@@ -109,7 +109,9 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt written by train, or a run directory (its newest valid checkpoint)."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint .pt written by train, or a run directory (its newest valid checkpoint)."
+    ),
     data: Optional[Path] = typer.Option(
         None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."
     ),

@@ -92,3 +92,13 @@ def test_the_shipped_fine_tuning_config_builds_torchvisions_model(torchvision_fi
 
     theirs = reference(ImageList(torch.zeros(1, 3, 640, 640), [(640, 640)]), grids)[0]
     assert torch.equal(ours, theirs)
+
+
+def test_torchvisions_v2_model_is_refused_with_the_first_mismatch(tmp_path):
+    """v2 computes P6 from C5; ours, as v1, from P5 (docs/models.md)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn_v2
+
+    path = tmp_path / "v2.pth"
+    torch.save(retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), path)
+    with pytest.raises(ConfigError, match=r"backbone.fpn.extra_blocks.p6.weight is shape \(256, 2048, 3, 3\) in the file"):
+        initialize_from(RetinaNet(num_classes=3, head_norm="gn"), path, TARGET, {}, num_anchors=9)
