@@ -72,3 +72,30 @@ def test_a_flipped_byte_inside_a_tensor_is_found(tmp_path):
         CheckpointError, match=r"step_00000001.pt: checksum mismatch \(the file was damaged after it was written\)"
     ):
         load_checkpoint(path)
+
+
+class Payload:  # a class a weights-only load refuses to rebuild
+    pass
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"\x8a\x0b\x01random bytes" * 10, "not a file written by torch.save"),
+        (b"some text, not a checkpoint\n", "not a file written by torch.save"),
+        ("object", "it holds objects other than tensors and plain data, which are not loaded"),
+        ("truncated", "truncated or damaged"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is_not(tmp_path, content, reason):
+    path = tmp_path / "step_00000001.pt"
+    if content == "object":
+        torch.save({"model": Payload()}, path)
+    elif content == "truncated":
+        save_checkpoint(path, PAYLOAD)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == f"{path}: not a readable checkpoint ({reason})"

@@ -7,6 +7,7 @@ over the target, so a crash mid-write never leaves a truncated checkpoint under 
 
 import hashlib
 import os
+import pickle
 import platform
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from retinanet_xla.errors import CheckpointError, RunFailed
 FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "category_mapping")
+ZIP_MAGIC = b"PK\x03\x04"
 CHECKSUM_KEY = "sha256"  # of everything else in the file (content_digest); absent in older files
 
 
@@ -119,13 +121,19 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
+    # torch's own messages for these advise weights_only=False or filing an issue: ours say
+    # what the file is not.
+    with path.open("rb") as handle:
+        if handle.read(4) != ZIP_MAGIC:  # torch.save has written zip archives since torch 1.6
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle, anything weights_only refuses
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = [line for line in lines if "Unpickler error" in line] or lines or [type(error).__name__]
-        reason = detail[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (it holds objects other than tensors and plain data, which are not loaded)"
+        ) from None
+    except Exception:  # a zip cut short or damaged
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a retinanet-xla checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
