@@ -28,6 +28,7 @@ BACKBONE_NORMS = ("frozen_bn", "bn", "cross_replica_bn", "gn")
 HEAD_NORMS = ("none", "gn")
 BOX_LOSSES = ("smooth_l1", "huber", "l1", "giou")
 MODEL_PARTS = ("backbone", "fpn", "head")
+P6_INPUTS = ("p5", "c5")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("xla", "cpu", "cuda")
@@ -171,6 +172,7 @@ class ModelConfig:
     num_classes: int = 91
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn_channels: int = 256
+    p6_from: str = "p5"  # p5 (torchvision v1, the TF recipe) | c5 (torchvision v2, detectron2)
     head: HeadConfig = field(default_factory=HeadConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     box_coder_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
@@ -197,6 +199,7 @@ class ModelConfig:
             "empty unless init_from is set",
         )
         _require(self.fpn_channels > 0, "fpn_channels", self.fpn_channels, "> 0")
+        _one_of("p6_from", self.p6_from, P6_INPUTS)
         weights = self.box_coder_weights
         _require(len(weights) == 4 and min(weights) > 0, "box_coder_weights", weights, "4 positive numbers (x, y, w, h)")
 

@@ -94,11 +94,16 @@ def test_the_shipped_fine_tuning_config_builds_torchvisions_model(torchvision_fi
     assert torch.equal(ours, theirs)
 
 
-def test_torchvisions_v2_model_is_refused_with_the_first_mismatch(tmp_path):
-    """v2 computes P6 from C5; ours, as v1, from P5 (docs/models.md)."""
+def test_torchvisions_v2_file_loads_with_its_architecture_and_is_refused_without(tmp_path):
+    """v2 computes P6 from C5 and normalises both head towers (docs/models.md)."""
     from torchvision.models.detection import retinanet_resnet50_fpn_v2
 
     path = tmp_path / "v2.pth"
-    torch.save(retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), path)
+    state = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict()
+    torch.save(state, path)
     with pytest.raises(ConfigError, match=r"backbone.fpn.extra_blocks.p6.weight is shape \(256, 2048, 3, 3\) in the file"):
         initialize_from(RetinaNet(num_classes=3, head_norm="gn"), path, TARGET, {}, num_anchors=9)
+    model = RetinaNet(num_classes=3, head_norm="gn", p6_from="c5")
+    report = initialize_from(model, path, TARGET, {"car": "car"}, num_anchors=9)
+    assert report.loaded == len(model.state_dict()) - 2 and report.carried_classes == [("car", "car")]
+    assert torch.equal(model.state_dict()["backbone.fpn.extra_blocks.p6.weight"], state["backbone.fpn.extra_blocks.p6.weight"])

@@ -164,3 +164,22 @@ def test_bf16_autocast_keeps_statistics_float32_and_outputs_close(norm, head_nor
         if name.endswith(("running_mean", "running_var")):
             torch.testing.assert_close(buffers[name], value, rtol=2e-2, atol=2e-2)
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
+def test_torchvision_v2_loads_with_p6_from_c5_and_group_norm_heads_and_outputs_match():
+    """retinanet_resnet50_fpn_v2: P6 from C5 (``model.p6_from: c5``) and GroupNorm in both head
+    towers (``model.head.norm: gn``); the same outputs from the same weights."""
+    from torchvision.models.detection import retinanet_resnet50_fpn_v2
+
+    torch.manual_seed(0)
+    reference = retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None).eval()
+    ours = RetinaNet(backbone_norm="bn", head_norm="gn", p6_from="c5").eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 160, 128)
+    with torch.no_grad():
+        expected = reference.head(list(reference.backbone(x).values()))
+        actual = ours(x)
+    for key in ("cls_logits", "bbox_regression"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="p6_from must be p5 or c5"):
+        RetinaNet(backbone="resnet18", p6_from="p4")

@@ -32,18 +32,20 @@ def upsample_nearest(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class LastLevelP6P7(nn.Module):
-    """P6 = conv(P5, stride 2), P7 = conv(relu(P6), stride 2): torchvision v1 and the TF recipe."""
+    """P6 = conv(P5, stride 2), P7 = conv(relu(P6), stride 2): torchvision v1 and the TF recipe.
+    With ``in_channels`` (C5's), P6 comes from C5 instead: torchvision's v2 and detectron2."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, in_channels: Optional[int] = None):
         super().__init__()
-        self.p6 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.from_c5 = in_channels is not None
+        self.p6 = nn.Conv2d(in_channels or channels, channels, 3, stride=2, padding=1)
         self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
         for conv in (self.p6, self.p7):
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.constant_(conv.bias, 0)
 
-    def forward(self, p5: Tensor) -> List[Tensor]:
-        p6 = self.p6(p5)
+    def forward(self, p5: Tensor, c5: Tensor) -> List[Tensor]:
+        p6 = self.p6(c5 if self.from_c5 else p5)
         return [p6, self.p7(F.relu(p6))]
 
 
@@ -51,15 +53,17 @@ class FeaturePyramid(nn.Module):
     """Top-down FPN over C3-C5 plus P6/P7, parameter names as torchvision's
     ``FeaturePyramidNetwork`` (``inner_blocks.i.0``, ``layer_blocks.i.0``, ``extra_blocks.p6``)."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int = 256):
+    def __init__(self, in_channels: Sequence[int], channels: int = 256, p6_from: str = "p5"):
         super().__init__()
+        if p6_from not in ("p5", "c5"):
+            raise ValueError(f"p6_from must be p5 or c5, got {p6_from!r}")
         self.inner_blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, channels, 1)) for c in in_channels)
         self.layer_blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1)) for _ in in_channels)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_uniform_(module.weight, a=1)
                 nn.init.constant_(module.bias, 0)
-        self.extra_blocks = LastLevelP6P7(channels)
+        self.extra_blocks = LastLevelP6P7(channels, in_channels[-1] if p6_from == "c5" else None)
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:
         last_inner = self.inner_blocks[-1](features[-1])
@@ -69,7 +73,7 @@ class FeaturePyramid(nn.Module):
             top_down = upsample_nearest(last_inner, lateral.shape[-2:])
             last_inner = lateral + top_down
             outputs.insert(0, self.layer_blocks[index](last_inner))
-        return outputs + self.extra_blocks(outputs[-1])
+        return outputs + self.extra_blocks(outputs[-1], features[-1])
 
 
 class BackboneWithFPN(nn.Module):
@@ -82,13 +86,14 @@ class BackboneWithFPN(nn.Module):
         norm: str = "frozen_bn",
         freeze_at: int = 2,
         weights: Optional[Path] = None,
+        p6_from: str = "p5",
     ):
         super().__init__()
         self.body = ClassifierBody(name, norm)
         if weights is not None:
             self.body.load_imagenet_weights(weights)
         self.body.freeze(freeze_at)
-        self.fpn = FeaturePyramid(self.body.out_channels, channels)
+        self.fpn = FeaturePyramid(self.body.out_channels, channels, p6_from)
         self.out_channels = channels
 
     def forward(self, images: Tensor) -> List[Tensor]:

@@ -33,6 +33,7 @@ def _build_model(config: Config) -> RetinaNet:
         backbone_weights=Path(m.backbone.weights) if m.backbone.weights else None,
         anchor_generator=anchors,
         prior_probability=m.head.prior_probability,
+        p6_from=m.p6_from,
     )
     for part, module in (("fpn", model.backbone.fpn), ("head", model.head)):
         if part not in m.trainable:

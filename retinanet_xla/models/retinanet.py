@@ -50,6 +50,7 @@ class RetinaNet(nn.Module):
         backbone_weights: Optional[Path] = None,
         anchor_generator: Optional[AnchorGenerator] = None,
         prior_probability: float = 0.01,
+        p6_from: str = "p5",
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
     ):
@@ -62,7 +63,7 @@ class RetinaNet(nn.Module):
             raise ValueError(
                 f"anchors must be configured for {NUM_LEVELS} levels (P3-P7), got {self.anchor_generator.num_levels}"
             )
-        self.backbone = BackboneWithFPN(backbone, fpn_channels, backbone_norm, freeze_at, backbone_weights)
+        self.backbone = BackboneWithFPN(backbone, fpn_channels, backbone_norm, freeze_at, backbone_weights, p6_from)
         self.head = RetinaNetHead(
             fpn_channels, self.anchor_generator.num_anchors_per_location, num_classes, head_convs, head_norm, prior_probability
         )
