@@ -62,6 +62,11 @@ def train(
         True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."
     ),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="With --no-resume: move an earlier run's checkpoints and logs aside (OUTPUT/replaced-TIME/) and start over.",
+    ),
 ) -> None:
     """Train a RetinaNet: one compiled step, checkpoints, logs and summary.json in the output directory.
 
@@ -71,7 +76,9 @@ def train(
     from retinanet_xla.commands.train import train as run_training
 
     settings = load_config(config, _with_devices(overrides, devices))
-    summary = run_training(settings, output or Path(settings.train.output_dir), resume)
+    if overwrite and resume:
+        raise ConfigError("--overwrite starts over: it goes with --no-resume")
+    summary = run_training(settings, output or Path(settings.train.output_dir), resume, overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 

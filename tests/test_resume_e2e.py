@@ -169,10 +169,22 @@ def test_no_resume_refuses_a_directory_holding_an_earlier_runs_checkpoints(strai
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}: holds checkpoints of an earlier run (newest {old.name}); "
-        "--no-resume would mix the two runs: use another --output, or remove them first"
+        "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
     )
     assert old.read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
     assert not (tmp_path / "config.yaml").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 8, "loss": 1.0}\n')
+    # Told to start over: the earlier run is moved aside, whole, and the new one starts at step 1.
+    result = subprocess.run(
+        command(tmp_path, "train.steps=2") + ["--no-resume", "--overwrite"], capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (aside,) = tmp_path.glob("replaced-*")
+    assert f"moved the earlier run's checkpoints and logs to {aside}" in result.stderr
+    assert (aside / "checkpoints" / old.name).read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 8, "loss": 1.0}\n'
+    assert sorted(losses(tmp_path)) == [1, 2]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")] == ["step_00000002.pt"]
 
 
 def test_a_checkpoint_without_what_resuming_needs_is_one_line(straight, tmp_path):

@@ -1,8 +1,9 @@
 """``retinanet-xla train``: one training loop on every local replica."""
 
 import logging
+import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import split_files
@@ -17,9 +18,11 @@ from retinanet_xla.training.trainer import Trainer, TrainingDiverged, TrainingIn
 logger = logging.getLogger(__name__)
 
 
-def train(config: Config, output_dir: Path, resume: bool = True) -> Dict:
+def train(config: Config, output_dir: Path, resume: bool = True, overwrite: bool = False) -> Dict:
     """Train on one device in this process, or with one replica per local XLA device
-    (``runtime.num_devices`` null: all of them). Returns the summary."""
+    (``runtime.num_devices`` null: all of them). Returns the summary. ``resume=False`` in a
+    directory holding an earlier run's checkpoints is refused unless ``overwrite``, which moves
+    that run aside (``move_aside``)."""
     output_dir = Path(output_dir)
     count = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if count is not None:
@@ -28,13 +31,17 @@ def train(config: Config, output_dir: Path, resume: bool = True) -> Dict:
     with RunLock(output_dir):
         checkpoints = CheckpointDirectory(output_dir)
         existing = checkpoints.step_checkpoints()
-        if existing and not resume:
+        if existing and not resume and not overwrite:
             # Rotation keeps the highest step numbers: the old run's later checkpoints would
             # delete each new one as it is written, and a rerun would resume the old run.
             raise ConfigError(
                 f"{output_dir}: holds checkpoints of an earlier run (newest {existing[-1].name}); "
-                "--no-resume would mix the two runs: use another --output, or remove them first"
+                "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
             )
+        if not resume and overwrite:
+            moved = move_aside(output_dir)
+            if moved is not None:
+                logger.warning("moved the earlier run's checkpoints and logs to %s", moved)
         for leftover in checkpoints.remove_leftovers():
             logger.warning("removed %s, left by a save that was interrupted", leftover)
         stop_file(output_dir).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
@@ -46,6 +53,22 @@ def train(config: Config, output_dir: Path, resume: bool = True) -> Dict:
             return run_on_local_replicas(
                 _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
             )
+
+
+# What a run writes into its output directory (the synthetic dataset stays: it is data).
+RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "config.yaml", "eval", "export")
+
+
+def move_aside(output_dir: Path) -> Optional[Path]:
+    """An earlier run's artefacts into ``OUTPUT/replaced-YYYYmmdd-HHMMSS/``: nothing is deleted."""
+    found = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
+    if not found:
+        return None
+    target = output_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    target.mkdir()
+    for path in found:
+        path.rename(target / path.name)
+    return target
 
 
 def _check_weight_files(config: Config) -> None:
