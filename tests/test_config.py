@@ -179,3 +179,9 @@ def test_a_missing_weights_file_stops_train_before_anything_is_written(tmp_path,
         )
         assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}"
         assert not (tmp_path / "run").exists()  # no config.yaml, no synthetic dataset
+
+
+def test_overwrite_goes_with_no_resume(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--output", tmp_path / "run", "--overwrite")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --overwrite starts over: it goes with --no-resume"
+    assert not (tmp_path / "run").exists()
