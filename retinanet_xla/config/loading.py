@@ -1,0 +1,178 @@
+"""Reading a config: YAML files with ``extends`` chains, ``--set`` overrides, type conversion
+against the schema, and every mistake as ``ConfigError`` with one line naming the key or file."""
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from retinanet_xla.config.schema import Config, InvalidValue
+from retinanet_xla.errors import ConfigError
+
+
+def all_keys(cls=Config, prefix: str = "") -> List[str]:
+    """Every leaf key, dotted: ``data.train.annotations``, ..."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        hint = typing.get_type_hints(cls)[f.name]
+        keys += all_keys(hint, name + ".") if dataclasses.is_dataclass(hint) else [name]
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None)) + " or null"
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin in (dict, Dict):
+        return f"a mapping of names to {_type_name(typing.get_args(hint)[1])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _convert(value, hint, key: str, where: str):
+    origin = typing.get_origin(hint)
+    wrong = ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
+    if origin is typing.Union:
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(value, inner, key, where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        (inner,) = typing.get_args(hint)
+        return [_convert(v, inner, key, where) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise wrong
+        _, inner = typing.get_args(hint)
+        # Keys are names; a YAML value such as 1 (a category id) is kept as its text.
+        return {
+            str(k): _convert(str(v) if inner is str and isinstance(v, int) else v, inner, f"{key}.{k}", where)
+            for k, v in value.items()
+        }
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise wrong from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise wrong
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def _build(cls, data: Dict[str, Any], prefix: str, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key(prefix + str(key), where)
+    values = {}
+    for name in names & set(data):
+        hint, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name], key + ".", where)
+        else:
+            values[name] = _convert(data[name], hint, key, where)
+    try:
+        return cls(**values)
+    except InvalidValue as error:  # the section's own validation names the field
+        raise ConfigError(f"{where}: {prefix}{error}") from None
+
+
+def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> Dict[str, Any]:
+    """The file's mapping with its ``extends`` chain merged in (base first)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'extends' must be a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, (*chain, path.resolve())), data)
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": parsed value}}}``."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: Dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(
+    path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults"
+) -> Config:
+    """The defaults, then the file (with its ``extends`` chain) or a stored ``base`` mapping
+    (a checkpoint's config), then each ``--set`` override."""
+    data: Dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _read_yaml(Path(path))
+        where = str(path)
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    if overrides:
+        where += " with --set " + " ".join(overrides)
+    return _build(Config, data, "", where)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
