@@ -134,7 +134,17 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         ) from None
     except Exception:  # a zip cut short or damaged
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged)") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    return check_payload(path, payload)
+
+
+def is_checkpoint_payload(payload: Any) -> bool:
+    """Whether what ``torch.load`` read from a file claims to be one of our checkpoints."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def check_payload(path: Path, payload: Any) -> Dict[str, Any]:
+    """The checks of ``load_checkpoint`` on a payload already read from ``path``."""
+    if not is_checkpoint_payload(payload):
         raise CheckpointError(f"{path}: not a retinanet-xla checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(

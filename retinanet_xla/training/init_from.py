@@ -18,6 +18,7 @@ from torch import Tensor
 
 from retinanet_xla.errors import CheckpointError, ConfigError
 from retinanet_xla.models import RetinaNet
+from retinanet_xla.rundir.checkpoint import check_payload, is_checkpoint_payload
 from retinanet_xla.rundir.directory import open_checkpoint
 
 CLASS_OUTPUT = "head.classification_head.cls_logits"
@@ -47,12 +48,18 @@ def read_source(path: Path) -> Tuple[Dict[str, Tensor], Optional[List[str]], Opt
     category mapping (the weight average when it kept one); a torchvision state dict is taken
     as the COCO model (91 labels, the raw category ids), whose names torchvision ships."""
     path = Path(path)
-    try:
+    if path.is_dir():
         _, payload = open_checkpoint(path)
-    except CheckpointError:
-        if path.is_dir():
-            raise
-        payload = None  # not ours: a plain state dict, read below
+    else:
+        payload = None
+        try:  # read once: either one of our checkpoints or a plain state dict
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"model.init_from {path}: no such file or directory") from None
+        except Exception as error:  # anything weights_only refuses, a truncated file
+            raise CheckpointError(f"{path}: not a readable state dict ({type(error).__name__})") from None
+        if is_checkpoint_payload(state):
+            payload = check_payload(path, state)
     if payload is not None:
         mapping = payload["category_mapping"]
         names = {int(k): v for k, v in mapping["names"].items()}
@@ -64,12 +71,6 @@ def read_source(path: Path) -> Tuple[Dict[str, Tensor], Optional[List[str]], Opt
             labels = {i: label for label, i in enumerate(ids)}
             by_label = [names.get(i, str(i)) for i in ids]
         return payload.get("ema", payload["model"]), by_label, labels
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"model.init_from {path}: no such file or directory") from None
-    except Exception as error:  # anything weights_only refuses, a truncated file
-        raise CheckpointError(f"{path}: not a readable state dict ({type(error).__name__})") from None
     if not (isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values())):
         raise CheckpointError(
             f"{path}: not a state dict of tensors (a torchvision RetinaNet .pth, or a retinanet-xla checkpoint)"
