@@ -3,12 +3,11 @@
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from retinanet_xla import __version__
+from retinanet_xla import __version__, storage
 from retinanet_xla.commands.data import data_app
 from retinanet_xla.config import load_config
 from retinanet_xla.errors import ConfigError, RunFailed, RunStopped, UserError
@@ -55,9 +54,9 @@ def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config file (see configs/)."),
+    config: str = typer.Argument(..., help="YAML config file (see configs/)."),
     overrides: List[str] = typer.Option([], "--set", help=TRAIN_SET),
-    output: Optional[Path] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Output directory (default: train.output_dir)."),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."
     ),
@@ -78,16 +77,16 @@ def train(
     settings = load_config(config, _with_devices(overrides, devices))
     if overwrite and resume:
         raise ConfigError("--overwrite starts over: it goes with --no-resume")
-    summary = run_training(settings, output or Path(settings.train.output_dir), resume, overwrite)
+    summary = run_training(settings, storage.location(output or settings.train.output_dir), resume, overwrite)
     typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
 def bench(
-    config: Path = typer.Argument(..., help="YAML config file; its model, input size and batch are used."),
+    config: str = typer.Argument(..., help="YAML config file; its model, input size and batch are used."),
     steps: int = typer.Option(20, "--steps", min=2, help="Steps to run; the first one compiles."),
     overrides: List[str] = typer.Option([], "--set", help=BENCH_SET),
-    json_output: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    json_output: Optional[str] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
     input_pipeline: bool = typer.Option(
         False,
@@ -110,21 +109,18 @@ def bench(
         f"waiting for input {result['device_wait_fraction']:.1%} of the time ({result['input']})"
     )
     if json_output:
-        json_output.parent.mkdir(parents=True, exist_ok=True)
-        json_output.write_text(json.dumps(result, indent=2) + "\n")
+        storage.write_text(storage.location(json_output), json.dumps(result, indent=2) + "\n")
 
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(
+    checkpoint: str = typer.Argument(
         ..., help="A checkpoint .pt written by train, or a run directory (its newest valid checkpoint)."
     ),
-    data: Optional[Path] = typer.Option(
-        None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."
-    ),
-    images: Optional[Path] = typer.Option(None, "--images", help="Images directory for --data."),
+    data: Optional[str] = typer.Option(None, "--data", help="COCO annotations to evaluate on (default: the config's val split)."),
+    images: Optional[str] = typer.Option(None, "--images", help="Images directory for --data."),
     overrides: List[str] = typer.Option([], "--set", help=EVAL_SET),
-    output: Optional[Path] = typer.Option(
+    output: Optional[str] = typer.Option(
         None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."
     ),
     devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
@@ -146,14 +142,14 @@ def evaluate(
     for name, value in metrics["per_category_AP"].items():
         table.add_row(name, f"{value:.3f}" if value >= 0 else "n/a")
     Console().print(table)
-    typer.echo(f"wrote {output_dir / 'detections.json'} and {output_dir / 'metrics.json'}")
+    typer.echo(f"wrote {storage.join(output_dir, 'detections.json')} and {storage.join(output_dir, 'metrics.json')}")
 
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
-    inputs: List[Path] = typer.Argument(..., help="Images, or directories of JPEG/PNG images."),
-    output: Path = typer.Option(..., "--output", help="Directory for the drawn PNGs and detections.json."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
+    inputs: List[str] = typer.Argument(..., help="Images, or directories of JPEG/PNG images."),
+    output: str = typer.Option(..., "--output", help="Directory for the drawn PNGs and detections.json."),
     score_threshold: float = typer.Option(
         0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."
     ),
@@ -179,9 +175,9 @@ def predict(
 
 @app.command("export")
 def export_command(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | torchscript | exported-program | stablehlo"),
-    output: Optional[Path] = typer.Option(
+    output: Optional[str] = typer.Option(
         None, "--output", help="Directory for the artefact and its JSON (default: RUN/export/STEP)."
     ),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="The fixed batch size of the exported graph."),

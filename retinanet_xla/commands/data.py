@@ -1,6 +1,5 @@
 """``retinanet-xla data ...``: write the synthetic dataset, check a dataset, time the pipeline."""
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,7 +13,7 @@ data_app = typer.Typer(help="Datasets: write the synthetic one, check one, time 
 
 @data_app.command("synth")
 def synth(
-    output_dir: Path = typer.Argument(..., help="Directory to write annotations/, train/ and val/ into."),
+    output_dir: str = typer.Argument(..., help="Directory to write annotations/, train/ and val/ into."),
     images: int = typer.Option(256, "--images", min=1, help="Training images."),
     val_images: int = typer.Option(64, "--val-images", min=1, help="Validation images."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same dataset."),
@@ -27,8 +26,8 @@ def synth(
 
 @data_app.command("check")
 def check(
-    annotations: Path = typer.Argument(..., help="COCO instances JSON."),
-    images: Path = typer.Option(..., "--images", help="Directory the file names are relative to."),
+    annotations: str = typer.Argument(..., help="COCO instances JSON."),
+    images: str = typer.Option(..., "--images", help="Directory the file names are relative to."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (slow for large datasets)."),
 ) -> None:
     """Report every problem of a dataset; exit code 1 when there is any."""
@@ -42,8 +41,8 @@ def check(
 def bench(
     image_size: int = typer.Option(640, "--image-size", min=32, help="Square training input size."),
     num_images: int = typer.Option(200, "--images", min=1, help="Samples to time."),
-    annotations: Optional[Path] = typer.Option(None, "--annotations", help="A COCO file to read instead of synthetic images."),
-    images: Optional[Path] = typer.Option(None, "--images-dir", help="Images directory for --annotations."),
+    annotations: Optional[str] = typer.Option(None, "--annotations", help="A COCO file to read instead of synthetic images."),
+    images: Optional[str] = typer.Option(None, "--images-dir", help="Images directory for --annotations."),
 ) -> None:
     """Training-pipeline throughput of one worker, every augmentation on."""
     if (annotations is None) != (images is None):

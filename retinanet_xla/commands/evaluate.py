@@ -2,9 +2,9 @@
 replica per local XLA device (``runtime.num_devices``), like ``train``."""
 
 import json
-from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
@@ -12,26 +12,27 @@ from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.evaluator import Evaluator, default_eval_dir
 from retinanet_xla.inference.loading import inference_config, load_for_inference
-from retinanet_xla.rundir.directory import open_checkpoint
+from retinanet_xla.rundir.directory import local_run_files, open_checkpoint
+from retinanet_xla.storage import Location
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
+    checkpoint: Location,
     overrides: Sequence[str] = (),
-    annotations: Optional[Path] = None,
-    images: Optional[Path] = None,
-    output: Optional[Path] = None,
-) -> Tuple[Dict, Path]:
+    annotations: Optional[str] = None,
+    images: Optional[str] = None,
+    output: Optional[str] = None,
+) -> Tuple[Dict, Location]:
     """Writes ``detections.json`` and ``metrics.json`` (the 12 COCO numbers, AP per category and
     pycocotools' printed summary) and returns the metrics and the directory."""
     checkpoint, payload = open_checkpoint(checkpoint)
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
     config = inference_config(checkpoint, payload, overrides)
-    output_dir = Path(output) if output else default_eval_dir(checkpoint)
+    output_dir = storage.location(output) if output else default_eval_dir(checkpoint)
     count = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if count is not None:
         Replicas(world=count).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
-    coco = dataset_split(config, "val", checkpoint.parent.parent)  # checked, and written once if synthetic
+    coco = dataset_split(config, "val", local_run_files(checkpoint))  # checked, and written once if synthetic
     trained = CategoryMapping.from_dict(payload["category_mapping"])
     unknown = sorted(set(coco.mapping.category_ids) - set(trained.category_ids))
     if unknown:
@@ -48,15 +49,14 @@ def evaluate_checkpoint(
     return run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config), output_dir
 
 
-def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[str], output_dir: Path) -> Optional[Dict]:
+def _evaluate_replica(replicas: Replicas, checkpoint: Location, overrides: Sequence[str], output_dir: Location) -> Optional[Dict]:
     loaded = load_for_inference(checkpoint, overrides, replicas)
-    coco = dataset_split(loaded.config, "val", loaded.checkpoint.parent.parent)
+    coco = dataset_split(loaded.config, "val", local_run_files(loaded.checkpoint))
     coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
     result = Evaluator(loaded.config, coco, loaded.runtime, replicas).evaluate(loaded.model)
     if result is None:  # not the master
         return None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "detections.json").write_text(json.dumps(result["detections"]))
+    storage.write_text(storage.join(output_dir, "detections.json"), json.dumps(result["detections"]))
     metrics = {
         **result["metrics"],
         "checkpoint": str(loaded.checkpoint),
@@ -66,5 +66,5 @@ def _evaluate_replica(replicas: Replicas, checkpoint: Path, overrides: Sequence[
         "replicas": replicas.world,
         "summary": result["summary"],
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    storage.write_text(storage.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     return metrics

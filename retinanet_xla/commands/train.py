@@ -2,9 +2,9 @@
 
 import logging
 import time
-from pathlib import Path
 from typing import Dict, Optional
 
+from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import split_files
 from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
@@ -13,29 +13,32 @@ from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
-from retinanet_xla.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, check_batch_sizes
+from retinanet_xla.storage import Location, StagedDirectory
+from retinanet_xla.training.trainer import STAGED_LOGS, Trainer, TrainingDiverged, TrainingInterrupted, check_batch_sizes
 
 logger = logging.getLogger(__name__)
 
 
-def train(config: Config, output_dir: Path, resume: bool = True, overwrite: bool = False) -> Dict:
+def train(config: Config, output_dir: Location, resume: bool = True, overwrite: bool = False) -> Dict:
     """Train on one device in this process, or with one replica per local XLA device
     (``runtime.num_devices`` null: all of them). Returns the summary. ``resume=False`` in a
     directory holding an earlier run's checkpoints is refused unless ``overwrite``, which moves
-    that run aside (``move_aside``)."""
-    output_dir = Path(output_dir)
+    that run aside (``move_aside``). ``output_dir`` may be a bucket URL: checkpoints go there
+    directly, logs through a local staging directory (``storage.StagedDirectory``)."""
+    output_dir = storage.location(output_dir)
     count = local_replica_count(config.runtime.device, config.runtime.num_devices)
     if count is not None:
         check_batch_sizes(config, Replicas(world=count))  # fail before starting anything
     _check_weight_files(config)  # before config.yaml or the synthetic dataset is written
-    with RunLock(output_dir):
+    run = StagedDirectory(output_dir)
+    with RunLock(run.local):
         checkpoints = CheckpointDirectory(output_dir)
         existing = checkpoints.step_checkpoints()
         if existing and not resume and not overwrite:
             # Rotation keeps the highest step numbers: the old run's later checkpoints would
             # delete each new one as it is written, and a rerun would resume the old run.
             raise ConfigError(
-                f"{output_dir}: holds checkpoints of an earlier run (newest {existing[-1].name}); "
+                f"{output_dir}: holds checkpoints of an earlier run (newest {storage.name(existing[-1])}); "
                 "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
             )
         if not resume and overwrite:
@@ -44,12 +47,13 @@ def train(config: Config, output_dir: Path, resume: bool = True, overwrite: bool
                 logger.warning("moved the earlier run's checkpoints and logs to %s", moved)
         for leftover in checkpoints.remove_leftovers():
             logger.warning("removed %s, left by a save that was interrupted", leftover)
-        stop_file(output_dir).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
-        split_files(config, "train", output_dir)
+        stop_file(run.local).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+        run.pull(STAGED_LOGS)  # a recreated VM continues the bucket's logs, not a stale local copy
+        split_files(config, "train", run.local)
         if config.train.eval_every > 0:
-            split_files(config, "val", output_dir)
+            split_files(config, "val", run.local)
         # The launcher's handlers turn SIGTERM/SIGINT into the STOP file every replica watches.
-        with PreemptionGuard(stop_file(output_dir)):
+        with PreemptionGuard(stop_file(run.local)):
             return run_on_local_replicas(
                 _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
             )
@@ -59,26 +63,26 @@ def train(config: Config, output_dir: Path, resume: bool = True, overwrite: bool
 RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "config.yaml", "eval", "export")
 
 
-def move_aside(output_dir: Path) -> Optional[Path]:
+def move_aside(output_dir: Location) -> Optional[Location]:
     """An earlier run's artefacts into ``OUTPUT/replaced-YYYYmmdd-HHMMSS/``: nothing is deleted."""
-    found = [output_dir / name for name in RUN_ARTEFACTS if (output_dir / name).exists()]
+    found = [name for name in RUN_ARTEFACTS if storage.exists(storage.join(output_dir, name))]
     if not found:
         return None
-    target = output_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
-    target.mkdir()
-    for path in found:
-        path.rename(target / path.name)
+    target = storage.join(output_dir, time.strftime("replaced-%Y%m%d-%H%M%S"))
+    storage.make_dirs(target)
+    for name in found:
+        storage.move(storage.join(output_dir, name), storage.join(target, name))
     return target
 
 
 def _check_weight_files(config: Config) -> None:
     """The files the model starts from exist (their content is checked when the model is built)."""
     weights, init_from = config.model.backbone.weights, config.model.init_from
-    if weights and not Path(weights).is_file():
+    if weights and not storage.is_file(storage.location(weights)):
         raise ConfigError(f"model: backbone weights file {weights} does not exist")
-    if init_from and not Path(init_from).exists():
+    if init_from and not storage.exists(storage.location(init_from)):
         raise ConfigError(f"model.init_from {init_from}: no such file or directory")
 
 
-def _train_replica(replicas: Replicas, config: Config, output_dir: Path, resume: bool) -> Dict:
+def _train_replica(replicas: Replicas, config: Config, output_dir: Location, resume: bool) -> Dict:
     return Trainer(config, output_dir, resume, replicas=replicas).run()

@@ -10,8 +10,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from retinanet_xla import storage
 from retinanet_xla.config.schema import Config, InvalidValue
 from retinanet_xla.errors import ConfigError
+from retinanet_xla.storage import Location
 
 
 def all_keys(cls=Config, prefix: str = "") -> List[str]:
@@ -118,14 +120,18 @@ def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> Dict[str, Any]:
-    """The file's mapping with its ``extends`` chain merged in (base first)."""
-    if not path.is_file():
+def _read_yaml(path: Location, chain: Sequence[str] = ()) -> Dict[str, Any]:
+    """The file's mapping with its ``extends`` chain merged in (base first). ``extends`` is
+    relative to the file that names it, or a URL of its own."""
+    if not storage.is_file(path):
         raise ConfigError(f"{path}: config file does not exist")
-    if path.resolve() in chain:
+    identity = str(path) if storage.is_url(path) else str(Path(path).resolve())
+    if identity in chain:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
@@ -137,7 +143,8 @@ def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> Dict[str, Any]:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'extends' must be a file name, got {base!r}")
-    return _merge(_read_yaml(path.parent / base, (*chain, path.resolve())), data)
+    target = storage.location(base) if storage.is_url(base) else storage.join(storage.parent(path), base)
+    return _merge(_read_yaml(target, (*chain, identity)), data)
 
 
 def parse_override(text: str) -> Dict[str, Any]:
@@ -159,13 +166,13 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(
-    path: Optional[Path] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults"
+    path: Optional[Location] = None, overrides: Sequence[str] = (), base: Optional[Dict[str, Any]] = None, where: str = "defaults"
 ) -> Config:
     """The defaults, then the file (with its ``extends`` chain) or a stored ``base`` mapping
     (a checkpoint's config), then each ``--set`` override."""
     data: Dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = _read_yaml(storage.location(path))
         where = str(path)
     for text in overrides:
         data = _merge(data, parse_override(text))
@@ -174,5 +181,5 @@ def load_config(
     return _build(Config, data, "", where)
 
 
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: Config, path: Location) -> None:
+    storage.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

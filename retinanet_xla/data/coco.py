@@ -7,14 +7,17 @@ paths must stay inside the images directory.
 """
 
 import json
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from retinanet_xla import storage
 from retinanet_xla.errors import DatasetError
+from retinanet_xla.storage import Location
 
 LABEL_MAPPINGS = ("contiguous", "raw")
 
@@ -22,7 +25,7 @@ LABEL_MAPPINGS = ("contiguous", "raw")
 @dataclass
 class ImageRecord:
     image_id: int
-    path: Path
+    path: Location
     width: int  # from the JSON; the decoded size wins when they differ
     height: int
     boxes: np.ndarray  # [N, 4] float32, x1 y1 x2 y2 in original pixels, clipped to the image
@@ -74,8 +77,8 @@ class CategoryMapping:
 
 @dataclass
 class CocoDataset:
-    annotations_file: Path
-    images_dir: Path
+    annotations_file: Location
+    images_dir: Location
     records: List[ImageRecord]
     mapping: CategoryMapping
     problems: Counter = field(default_factory=Counter)  # reason -> count
@@ -88,7 +91,7 @@ class CocoDataset:
             shown.append(example)
 
 
-def _require(condition: bool, path: Path, problem: str) -> None:
+def _require(condition: bool, path: Location, problem: str) -> None:
     if not condition:
         raise DatasetError(f"{path}: not a COCO instances file: {problem}")
 
@@ -102,17 +105,29 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def resolve_image_path(images_dir: Path, file_name: str) -> Optional[Path]:
+def resolve_image_path(images_dir: Location, file_name: str) -> Optional[Location]:
     """The image's path, or None when ``file_name`` would leave the images directory
-    (absolute paths, ``..``, symlinks pointing out)."""
-    root = images_dir.resolve()
+    (absolute paths, ``..``, symlinks pointing out; on object storage, keys outside the prefix)."""
+    if storage.is_url(images_dir):
+        relative = posixpath.normpath(file_name)
+        outside = relative.startswith(("/", "../")) or relative in (".", "..") or "://" in file_name
+        return None if outside else storage.join(images_dir, relative)
+    root = Path(images_dir).resolve()
     candidate = (root / file_name).resolve()
     return candidate if candidate.is_relative_to(root) and candidate != root else None
 
 
+def _file_check(images_dir: Location) -> Callable[[Location], bool]:
+    """Whether an image file exists: one listing of a bucket prefix instead of one request per image."""
+    if not storage.is_url(images_dir):
+        return lambda path: Path(path).is_file()
+    present = storage.files_below(images_dir)
+    return lambda path: str(path)[len(str(images_dir)) + 1 :] in present
+
+
 def load_coco(
-    annotations_file: Path,
-    images_dir: Path,
+    annotations_file: Location,
+    images_dir: Location,
     label_mapping: str = "contiguous",
     min_box_size: float = 1.0,
     check_files: bool = True,
@@ -121,13 +136,13 @@ def load_coco(
     problems with single images or boxes are counted in ``dataset.problems`` and those entries
     dropped (boxes are clipped to the image first; a box narrower or shorter than
     ``min_box_size`` pixels after clipping is degenerate)."""
-    annotations_file, images_dir = Path(annotations_file), Path(images_dir)
-    if not annotations_file.is_file():
+    annotations_file, images_dir = storage.location(annotations_file), storage.location(images_dir)
+    if not storage.is_file(annotations_file):
         raise DatasetError(f"{annotations_file}: annotation file does not exist")
-    if not images_dir.is_dir():
+    if not storage.is_dir(images_dir):
         raise DatasetError(f"{images_dir}: images directory does not exist")
     try:
-        data = json.loads(annotations_file.read_text())
+        data = json.loads(storage.read_text(annotations_file))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"{annotations_file}: not valid JSON ({error})") from None
     _require(isinstance(data, dict), annotations_file, "the top level must be an object")
@@ -146,6 +161,7 @@ def load_coco(
     dataset = CocoDataset(annotations_file, images_dir, [], mapping)
 
     images = {}
+    file_exists = _file_check(images_dir) if check_files else None
     ids = Counter(entry.get("id") for entry in data["images"] if isinstance(entry, dict) and _integer(entry.get("id")))
     for entry in data["images"]:
         _require(
@@ -160,7 +176,7 @@ def load_coco(
         if path is None:
             dataset.note("image path outside the images directory", entry["file_name"])
             continue
-        if check_files and not path.is_file():
+        if check_files and not file_exists(path):
             dataset.note("missing image file", str(path))
             continue
         width, height = entry.get("width"), entry.get("height")

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping, ImageRecord
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import Augmentation, letterbox, random_resized_crop
@@ -45,7 +46,17 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, key: Key) -> Dict[str, np.ndarray]:
-        index, seed = key if isinstance(key, tuple) else (key, 0)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Key]) -> List[Dict[str, np.ndarray]]:
+        """A batch's samples (the DataLoader asks for a batch at once): the files are read
+        together first, concurrently when they are in a bucket (``storage.read_many``)."""
+        keys = [key if isinstance(key, tuple) else (key, 0) for key in keys]
+        paths = [self.records[index].path for index, _ in keys if index != PADDING_INDEX]
+        fetched = dict(zip(paths, storage.read_many(paths)))
+        return [self._sample(index, seed, fetched) for index, seed in keys]
+
+    def _sample(self, index: int, seed: int, fetched: Dict) -> Dict[str, np.ndarray]:
         if index == PADDING_INDEX:
             return self._padding_sample()
         unreadable = 0
@@ -53,8 +64,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         # the count travels with the batch so the trainer can log it.
         for attempt in range(len(self.records)):
             record = self.records[(index + attempt) % len(self.records)]
+            data = fetched.get(record.path) if attempt == 0 else None
             try:
-                image = read_rgb(record.path)
+                image = read_rgb(record.path, None if isinstance(data, Exception) else data)
             except UnreadableImage as error:
                 logger.warning("skipping unreadable image %s", error)
                 unreadable += 1

@@ -7,10 +7,14 @@ decoded: Pillow itself only warns up to twice its own limit, and decodes a 144 M
 1.5 GB.
 """
 
-from pathlib import Path
+import io
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from retinanet_xla import storage
+from retinanet_xla.storage import Location
 
 FORMATS = ("JPEG", "PNG")
 # A decompression bomb in an untrusted dataset must fail, not exhaust a data worker's memory:
@@ -23,11 +27,14 @@ class UnreadableImage(Exception):
     """The file is missing or cannot be decoded; the loader substitutes another image."""
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` as RGB, with EXIF orientation applied (phone photos are stored sideways).
-    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images all become RGB."""
+def read_rgb(path: Location, data: Optional[bytes] = None) -> Image.Image:
+    """Decode ``path`` (or its ``data``, already fetched) as RGB, with EXIF orientation applied
+    (phone photos are stored sideways). Grayscale, palette, RGBA (alpha dropped), CMYK and
+    16-bit images all become RGB."""
     try:
-        with Image.open(path, formats=FORMATS) as image:
+        if data is None:
+            data = storage.read_bytes(path)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise UnreadableImage(f"{path}: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
@@ -38,5 +45,9 @@ def read_rgb(path: Path) -> Image.Image:
             return image.convert("RGB")
     except Image.UnidentifiedImageError:
         raise UnreadableImage(f"{path}: not a {' or '.join(FORMATS)} image") from None
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path}: no such file") from None
+    except storage.StorageError as error:
+        raise UnreadableImage(str(error)) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise UnreadableImage(f"{path}: {error}") from None

@@ -3,15 +3,18 @@
 from pathlib import Path
 from typing import Optional, Tuple
 
+from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data.coco import CocoDataset, load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.errors import ConfigError, DatasetError
+from retinanet_xla.storage import Location
 
 
-def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Path, Path]:
+def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Location, Location]:
     """The annotation file and image directory of ``data.<split>``; when its annotations are
-    unset, the synthetic dataset's, written under ``output_dir/synthetic`` the first time.
+    unset, the synthetic dataset's, written under ``output_dir/synthetic`` the first time
+    (``output_dir`` is local: a run in a bucket passes its local staging directory).
     Commands call it before their replicas start, so that they find the files written once."""
     paths = getattr(config.data, split)
     if paths.annotations is None:
@@ -23,7 +26,7 @@ def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Path, Pat
         return annotations, root / split
     if paths.images is None:
         raise ConfigError(f"data.{split}.images must be set when data.{split}.annotations is")
-    return Path(paths.annotations), Path(paths.images)
+    return storage.location(paths.annotations), storage.location(paths.images)
 
 
 def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:

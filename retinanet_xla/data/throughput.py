@@ -28,12 +28,14 @@ class ThroughputResult:
 def measure_pipeline(
     image_size: Sequence[int] = (640, 640),
     num_images: int = 200,
-    annotations: Optional[Path] = None,
-    images_dir: Optional[Path] = None,
+    annotations: Optional[str] = None,
+    images_dir: Optional[str] = None,
     max_boxes: int = 100,
+    batch_size: int = 8,
 ) -> ThroughputResult:
-    """Time ``num_images`` training samples in this process (one worker). Without a dataset,
-    synthetic images of COCO-like size (480-640 px) are written to a temporary directory."""
+    """Time ``num_images`` training samples in this process (one worker), asked for a batch at a
+    time as the DataLoader does (so a bucket's images are fetched concurrently). Without a
+    dataset, synthetic images of COCO-like size (480-640 px) are written to a temporary directory."""
     with tempfile.TemporaryDirectory() as scratch:
         if annotations is None:
             paths = write_synthetic_dataset(Path(scratch), num_train=64, num_val=0, min_size=480, max_size=640)["train"]
@@ -44,9 +46,8 @@ def measure_pipeline(
         coco = load_coco(annotations, images_dir)
         dataset = DetectionDataset(coco.records, coco.mapping, image_size, max_boxes, Augmentation())
         keys = iter(TrainSampler(len(dataset), batch_size=1, seed=0))
-        for _ in range(5):  # warm the page cache and PIL's decoders
-            dataset[next(keys)]
+        dataset.__getitems__([next(keys) for _ in range(batch_size)])  # warm PIL's decoders and the connection
         start = time.perf_counter()
-        for _ in range(num_images):
-            dataset[next(keys)]
+        for first in range(0, num_images, batch_size):
+            dataset.__getitems__([next(keys) for _ in range(min(batch_size, num_images - first))])
         return ThroughputResult(num_images, time.perf_counter() - start, tuple(image_size), source)

@@ -86,6 +86,20 @@ class Replicas:
         runtime.sync(collective=True)
         return [bool(v) for v in reduced.cpu().tolist()]
 
+    def from_master(self, value: int, runtime) -> int:
+        """Replica 0's ``value`` (a non-negative int, or -1) on every replica: a decision taken
+        once, such as the checkpoint to resume from. Every replica must call it; it waits for
+        the device."""
+        if self.world == 1:
+            return value
+        import torch_xla.core.xla_model as xm
+
+        # Only the master's slot is non-zero: the sum is its value, shifted so that -1 fits.
+        local = torch.tensor([float(value + 1) if self.is_master else 0.0], device=runtime.device)  # exact below 2**24
+        reduced = xm.all_reduce(xm.REDUCE_SUM, local)
+        runtime.sync(collective=True)
+        return int(reduced.cpu().item()) - 1
+
     def barrier(self) -> None:
         """Wait on the host until every replica arrives (the master evaluating, say). Threads
         wait on a threading barrier, not inside a collective, which XLA's CPU client aborts

@@ -1,40 +1,49 @@
 """``retinanet-xla export``: a checkpoint -> a serving artefact, checked against the package."""
 
-from pathlib import Path
+import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from retinanet_xla import storage
 from retinanet_xla.data import DetectionDataset, collate
 from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.export.formats import Exported, compare_with_package, export
 from retinanet_xla.inference.loading import load_for_inference
+from retinanet_xla.rundir.directory import local_run_files, run_of
+from retinanet_xla.storage import Location
 
 
 def export_checkpoint(
-    checkpoint: Path,
+    checkpoint: Location,
     fmt: str,
-    output: Optional[Path],
+    output: Optional[str],
     batch_size: int,
     uint8_input: bool,
     overrides: Sequence[str] = (),
     check: bool = False,
 ) -> Tuple[Exported, Optional[Dict[str, float]]]:
     """Export on the host CPU (the artefact must not depend on an XLA device); with ``check``,
-    compare it with the in-package model on the first images of the validation split."""
+    compare it with the in-package model on the first images of the validation split. The
+    artefact is written locally and checked there; a bucket ``output`` receives it after that."""
     loaded = load_for_inference(checkpoint, [*overrides, "runtime.device=cpu"])
-    output_dir = Path(output) if output else loaded.checkpoint.parent.parent / "export" / loaded.checkpoint.stem
-    exported = export(loaded, fmt, output_dir, batch_size, uint8_input)
-    if not check:
-        return exported, None
-    images, content_sizes = validation_batch(loaded, batch_size, uint8_input)
-    return exported, compare_with_package(loaded, exported, images, content_sizes)
+    output_dir = (
+        storage.location(output) if output else storage.join(run_of(loaded.checkpoint), "export", storage.stem(loaded.checkpoint))
+    )
+    report = None
+    with storage.written_through(output_dir) as local:
+        exported = export(loaded, fmt, local, batch_size, uint8_input)
+        if check:
+            images, content_sizes = validation_batch(loaded, batch_size, uint8_input)
+            report = compare_with_package(loaded, exported, images, content_sizes)
+    placed = {field: storage.join(output_dir, str(getattr(exported, field).relative_to(local))) for field in ("path", "metadata")}
+    return dataclasses.replace(exported, **placed), report
 
 
 def validation_batch(loaded, batch_size: int, uint8_input: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The first ``batch_size`` validation images, letterboxed as evaluation does."""
     config = loaded.config
-    coco = dataset_split(config, "val", loaded.checkpoint.parent.parent)
+    coco = dataset_split(config, "val", local_run_files(loaded.checkpoint))
     coco.mapping = loaded.mapping
     dataset = DetectionDataset(
         coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, augmentation=None

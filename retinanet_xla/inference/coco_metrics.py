@@ -13,20 +13,20 @@ import contextlib
 import copy
 import io
 import json
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from retinanet_xla import storage
 from retinanet_xla.errors import ConfigError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def ground_truth(annotation_file: Path) -> COCO:
-    data = json.loads(Path(annotation_file).read_text())
+def ground_truth(annotation_file: storage.Location) -> COCO:
+    data = json.loads(storage.read_text(annotation_file))
     for annotation in data["annotations"]:
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation and isinstance(annotation.get("bbox"), list) and len(annotation["bbox"]) == 4:

@@ -2,12 +2,12 @@
 the host once per batch, NMS there, boxes mapped to original pixels and dataset category ids;
 with several replicas, each takes a shard and the master gathers and scores."""
 
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from rich.progress import Progress
 
+from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
@@ -16,6 +16,8 @@ from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_tru
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops.postprocess import Detections, to_original_pixels
+from retinanet_xla.rundir.directory import run_of
+from retinanet_xla.storage import Location
 from retinanet_xla.xla.runtime import Runtime
 
 
@@ -130,6 +132,6 @@ class ShardDetections:
         self.count = end
 
 
-def default_eval_dir(checkpoint: Path) -> Path:
+def default_eval_dir(checkpoint: Location) -> Location:
     """``RUN/checkpoints/step_N.pt`` -> ``RUN/eval/step_N``."""
-    return checkpoint.parent.parent / "eval" / checkpoint.stem
+    return storage.join(run_of(checkpoint), "eval", storage.stem(checkpoint))

@@ -1,7 +1,6 @@
 """A trained model ready for inference, from a checkpoint file or run directory."""
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Sequence
 
 from retinanet_xla.config import Config, load_config
@@ -10,12 +9,13 @@ from retinanet_xla.distributed.launch import replica_runtime
 from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.models import RetinaNet, build_model
 from retinanet_xla.rundir.directory import open_checkpoint
+from retinanet_xla.storage import Location
 from retinanet_xla.xla.runtime import Runtime
 
 
 @dataclass
 class LoadedModel:
-    checkpoint: Path
+    checkpoint: Location
     step: int
     config: Config
     mapping: CategoryMapping
@@ -24,7 +24,7 @@ class LoadedModel:
     uses_weight_average: bool
 
 
-def inference_config(checkpoint: Path, payload: Dict, overrides: Sequence[str] = ()) -> Config:
+def inference_config(checkpoint: Location, payload: Dict, overrides: Sequence[str] = ()) -> Config:
     """The config the checkpoint was trained with, and ``overrides``."""
     config = load_config(base=payload["config"], overrides=overrides, where=str(checkpoint))
     # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
@@ -32,7 +32,7 @@ def inference_config(checkpoint: Path, payload: Dict, overrides: Sequence[str] =
     return config
 
 
-def load_for_inference(checkpoint: Path, overrides: Sequence[str] = (), replicas: Replicas = Replicas()) -> LoadedModel:
+def load_for_inference(checkpoint: Location, overrides: Sequence[str] = (), replicas: Replicas = Replicas()) -> LoadedModel:
     """The checkpoint's config (with ``overrides``), its weights on this replica's device, in
     eval mode, and the category mapping it was trained with."""
     checkpoint, payload = open_checkpoint(checkpoint)

@@ -11,24 +11,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from retinanet_xla import storage
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import letterbox
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.inference.loading import LoadedModel
 from retinanet_xla.ops.postprocess import to_original_pixels
+from retinanet_xla.storage import Location
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def collect_images(paths: Sequence[Path]) -> List[Path]:
+def collect_images(paths: Sequence[str]) -> List[Location]:
     """Files as given; directories contribute their JPEG/PNG files, sorted. Raises
     ``ConfigError`` for a missing path and when there is no image at all."""
     found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
+    for path in map(storage.location, paths):
+        if storage.is_dir(path):
+            found += [p for p in storage.glob(path, "*") if storage.name(p).lower().endswith(IMAGE_SUFFIXES)]
+        elif storage.is_file(path):
             found.append(path)
         else:
             raise ConfigError(f"{path}: no such image or directory")
@@ -37,12 +39,12 @@ def collect_images(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
-def picture_names(paths: Sequence[Path]) -> List[str]:
+def picture_names(paths: Sequence[Location]) -> List[str]:
     """One PNG name per input, from its file name, never the same twice (``a/x.jpg`` and
     ``b/x.jpg`` give ``x.png`` and ``x-2.png``) and never a special name (``..jpg``)."""
     names, used = [], set()
     for path in paths:
-        stem = path.stem.strip(".") or "image"
+        stem = storage.stem(path).strip(".") or "image"
         name, number = f"{stem}.png", 1
         while name in used:
             number += 1
@@ -54,7 +56,7 @@ def picture_names(paths: Sequence[Path]) -> List[str]:
 
 @dataclass
 class PredictSummary:
-    json_path: Path
+    json_path: Location
     images: int
     detections: int
     unreadable: List[str]
@@ -80,17 +82,22 @@ def draw(image: Image.Image, detections: List[Dict]) -> Image.Image:
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, paths: Sequence[Path], output_dir: Path, score_threshold: float) -> PredictSummary:
+def predict(loaded: LoadedModel, paths: Sequence[str], output: str, score_threshold: float) -> PredictSummary:
     """Run the model on every image (batches padded to ``eval.batch_size``, so one graph), write
-    ``output_dir/<name>.png`` per image (``picture_names``) and ``output_dir/detections.json``."""
+    ``OUTPUT/<name>.png`` per image (``picture_names``) and ``OUTPUT/detections.json``."""
+    output_dir, images = storage.location(output), collect_images(paths)  # nothing is written without images
+    with storage.written_through(output_dir) as local:
+        done = _predict(loaded, images, local, score_threshold)
+    return dataclasses.replace(done, json_path=storage.join(output_dir, storage.name(done.json_path)))
+
+
+def _predict(loaded: LoadedModel, images: List[Location], output_dir: Path, score_threshold: float) -> PredictSummary:
     config, runtime = loaded.config, loaded.runtime
     postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size = tuple(config.data.image_size)
     batch_size = config.eval.batch_size
     detector = Detector(loaded.model, config, runtime)
-    images = collect_images(paths)
     pictures = picture_names(images)  # by position: the same file may be given twice
-    output_dir.mkdir(parents=True, exist_ok=True)
     results, unreadable = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

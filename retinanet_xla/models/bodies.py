@@ -8,14 +8,15 @@ RetinaNet's ``backbone.body.*`` keys load into ours. Which blocks give C3-C5 is 
 network itself: the trunk runs once on a small input and the last block at each stride wins.
 """
 
+import io
 import math
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision import models
 
+from retinanet_xla import storage
 from retinanet_xla.models.norm import convert_batch_norm, freeze_batch_norm
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
@@ -100,15 +101,14 @@ class ClassifierBody(nn.Module):
             parent, _, child = path.rpartition(".")
             setattr(self.get_submodule(parent) if parent else self, child, freeze_batch_norm(block))
 
-    def load_imagenet_weights(self, path: Path) -> None:
+    def load_imagenet_weights(self, path: storage.Location) -> None:
         """Load the ImageNet state dict torchvision publishes for this network (the ``.pth`` it
         downloads); classifier keys are ignored. Raises ``ValueError`` naming the network, the
         file and the first mismatched keys."""
-        path = Path(path)
-        if not path.is_file():
+        if not storage.is_file(path):
             raise ValueError(f"backbone weights file {path} does not exist")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as error:  # pickle, zip and weights_only errors all mean "not a state dict"
             raise ValueError(f"backbone weights file {path} is not a PyTorch state dict: {error}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

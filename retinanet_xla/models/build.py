@@ -1,7 +1,6 @@
 """The model from a config: the one place that maps ``model.*`` keys onto ``RetinaNet``."""
 
-from pathlib import Path
-
+from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.models.retinanet import RetinaNet
@@ -30,7 +29,7 @@ def _build_model(config: Config) -> RetinaNet:
         backbone_norm=m.backbone.norm,
         # A backbone that does not train is frozen whole: its BatchNorm statistics too.
         freeze_at=m.backbone.freeze_at if "backbone" in m.trainable else 5,
-        backbone_weights=Path(m.backbone.weights) if m.backbone.weights else None,
+        backbone_weights=storage.location(m.backbone.weights) if m.backbone.weights else None,
         anchor_generator=anchors,
         prior_probability=m.head.prior_probability,
         p6_from=m.p6_from,

@@ -1,21 +1,22 @@
 """Checkpoint files: plain data and tensors only, written atomically, checked on load.
 
 A checkpoint loads with ``torch.load(weights_only=True)``: a file from someone else cannot run
-code. It is written to a temporary file in the same directory, flushed and fsynced, then renamed
-over the target, so a crash mid-write never leaves a truncated checkpoint under the real name.
+code. It is written whole or not at all (``storage.write_file``: a fsynced temporary file renamed
+over the target, or one finalized upload to a bucket), so a crash mid-write never leaves a
+truncated checkpoint under the real name; a checksum of its contents catches later damage.
 """
 
 import hashlib
-import os
+import io
 import pickle
 import platform
-import tempfile
-from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
+from retinanet_xla import storage
 from retinanet_xla.errors import CheckpointError, RunFailed
+from retinanet_xla.storage import Location
 
 FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
@@ -76,58 +77,33 @@ def versions() -> Dict[str, str]:
     }
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` (plus format tags and versions) to ``path`` atomically. A full or
-    read-only disk raises ``RunFailed`` with one line naming the file; nothing is left behind
-    and the checkpoints written before are intact."""
-    path = Path(path)
+def save_checkpoint(path: Location, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` (plus format tags and versions) to ``path`` whole or not at all
+    (``storage.write_file``). A full or read-only disk raises ``RunFailed`` with one line naming
+    the file; nothing is left behind and the checkpoints written before are intact."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **to_cpu(payload)}
     payload[CHECKSUM_KEY] = content_digest(payload)
     try:
-        _write_atomically(path, payload)
+        storage.write_file(path, lambda handle: torch.save(payload, handle))
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = getattr(error, "strerror", None) or (lines[-1] if lines else type(error).__name__)
         raise RunFailed(f"{path}: could not write the checkpoint ({reason}); the checkpoints before it are intact") from None
+    except storage.StorageError as error:
+        raise RunFailed(f"could not write the checkpoint: {error}; the checkpoints before it are intact") from None
 
 
-def _write_atomically(path: Path, payload: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def load_checkpoint(path: Location) -> Dict[str, Any]:
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the user's group
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint does not exist")
+        data = storage.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: checkpoint does not exist") from None
     # torch's own messages for these advise weights_only=False or filing an issue: ours say
     # what the file is not.
-    with path.open("rb") as handle:
-        if handle.read(4) != ZIP_MAGIC:  # torch.save has written zip archives since torch 1.6
-            raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
+    if data[:4] != ZIP_MAGIC:  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: not a readable checkpoint (it holds objects other than tensors and plain data, which are not loaded)"
@@ -142,7 +118,7 @@ def is_checkpoint_payload(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
-def check_payload(path: Path, payload: Any) -> Dict[str, Any]:
+def check_payload(path: Location, payload: Any) -> Dict[str, Any]:
     """The checks of ``load_checkpoint`` on a payload already read from ``path``."""
     if not is_checkpoint_payload(payload):
         raise CheckpointError(f"{path}: not a retinanet-xla checkpoint")

@@ -9,13 +9,14 @@ that does not fit (another backbone, another FPN width) is a one-line error nami
 mismatch: loading half a backbone would train silently from a broken start.
 """
 
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from retinanet_xla import storage
 from retinanet_xla.errors import CheckpointError, ConfigError
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.rundir.checkpoint import check_payload, is_checkpoint_payload
@@ -26,7 +27,7 @@ CLASS_OUTPUT = "head.classification_head.cls_logits"
 
 @dataclass
 class InitReport:
-    source: Path
+    source: storage.Location
     loaded: int = 0
     reinitialised: List[str] = field(default_factory=list)
     unused: int = 0
@@ -42,18 +43,17 @@ class InitReport:
         return text
 
 
-def read_source(path: Path) -> Tuple[Dict[str, Tensor], Optional[List[str]], Optional[Dict[str, int]]]:
+def read_source(path: storage.Location) -> Tuple[Dict[str, Tensor], Optional[List[str]], Optional[Dict[str, int]]]:
     """The file's state dict, its class names by label (None when unknown), and the label of
     each category id it knows. A retinanet-xla checkpoint or run directory carries its own
     category mapping (the weight average when it kept one); a torchvision state dict is taken
     as the COCO model (91 labels, the raw category ids), whose names torchvision ships."""
-    path = Path(path)
-    if path.is_dir():
+    if storage.is_dir(path):
         _, payload = open_checkpoint(path)
     else:
         payload = None
         try:  # read once: either one of our checkpoints or a plain state dict
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ConfigError(f"model.init_from {path}: no such file or directory") from None
         except Exception as error:  # anything weights_only refuses, a truncated file
@@ -84,11 +84,11 @@ def read_source(path: Path) -> Tuple[Dict[str, Tensor], Optional[List[str]], Opt
 
 
 def initialize_from(
-    model: RetinaNet, path: Path, target_names: List[str], class_map: Dict[str, str], num_anchors: int
+    model: RetinaNet, path: storage.Location, target_names: List[str], class_map: Dict[str, str], num_anchors: int
 ) -> InitReport:
     """Load ``path`` into ``model`` (on the host, before it moves to the device)."""
     state, source_names, source_labels = read_source(path)
-    report = InitReport(Path(path))
+    report = InitReport(storage.location(path))
     target = model.state_dict()
     parameters = {name for name, _ in model.named_parameters()}
     loaded: Dict[str, Tensor] = {}

@@ -8,12 +8,12 @@ the other steps. With several replicas, this is one replica's loop (docs/tpu.md)
 
 import json
 import logging
-from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from rich.console import Console
 
+from retinanet_xla import storage
 from retinanet_xla.config import Config, save_config
 from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
@@ -23,7 +23,9 @@ from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.errors import CheckpointError, ConfigError, RunFailed, RunStopped
 from retinanet_xla.inference.evaluator import Evaluator
+from retinanet_xla.rundir.checkpoint import load_checkpoint
 from retinanet_xla.rundir.directory import CheckpointDirectory
+from retinanet_xla.storage import Location, StagedDirectory
 from retinanet_xla.training.build import build_train_step
 from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck, ProfileWindow, Throughput
 from retinanet_xla.training.init_from import initialize_from
@@ -35,6 +37,9 @@ DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
 # What a checkpoint needs beyond what any checkpoint has (rundir.checkpoint.REQUIRED_KEYS) for
 # training to continue exactly where it stopped.
 RESUME_KEYS = ("optimizer", "loss", "torch_rng_state")
+# The run's files that are not checkpoints. In a bucket they are written locally and uploaded
+# after each checkpoint and at the end (``storage.StagedDirectory``): object stores cannot append.
+STAGED_LOGS = ("metrics.jsonl", "tensorboard", "config.yaml", "summary.json")
 
 
 class TrainingDiverged(RunFailed):
@@ -86,20 +91,22 @@ class Trainer:
     def __init__(
         self,
         config: Config,
-        output_dir: Path,
+        output_dir: Location,
         resume: bool = True,
         console: Optional[Console] = None,
         replicas: Replicas = Replicas(),
     ):
-        self.config, self.output_dir, self.replicas = config, Path(output_dir), replicas
+        self.config, self.output_dir, self.replicas = config, storage.location(output_dir), replicas
+        self.run_files = StagedDirectory(self.output_dir)  # logs, config, summary; local when the output is
         world_size = replicas.world
         if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
             raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
         check_batch_sizes(config, replicas)  # before anything is built
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        local = self.run_files.local
+        local.mkdir(parents=True, exist_ok=True)
         if replicas.is_master:
-            save_config(config, self.output_dir / "config.yaml")
-        self.coco = dataset_split(config, "train", self.output_dir)
+            save_config(config, local / "config.yaml")
+        self.coco = dataset_split(config, "train", local)
         truncated = truncation_warning(self.coco, config.data.max_boxes)
         if truncated and replicas.is_master:
             logger.warning(truncated)
@@ -107,7 +114,7 @@ class Trainer:
 
         self.runtime = replica_runtime(config, replicas)
         self.init_report: Optional[str] = None  # what model.init_from did, for the start of the log
-        found = self.checkpoints.newest_valid() if resume else None
+        found = self._resume_point() if resume else None
         self.step_fn = build_train_step(config, self.runtime, replicas, self._initializer(found))
         self.start_step, self.best_ap = 0, float("-inf")
         if found is not None:
@@ -118,7 +125,7 @@ class Trainer:
 
         self.evaluator = None
         if config.train.eval_every > 0:  # every replica evaluates its shard of the split
-            val = dataset_split(config, "val", self.output_dir)
+            val = dataset_split(config, "val", local)
             val.mapping = self.coco.mapping  # detections are written with the training set's ids
             self.evaluator = Evaluator(config, val, self.runtime, replicas, show_progress=False)
 
@@ -127,7 +134,7 @@ class Trainer:
         self.last_loss: Optional[float] = None
         self.last_eval: Optional[Dict[str, float]] = None
         self.divergence = DivergenceCheck()
-        self.last_checkpoint: Optional[Path] = None
+        self.last_checkpoint: Optional[Location] = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -160,11 +167,27 @@ class Trainer:
 
         def initialize(model) -> None:
             anchors = model.anchor_generator.num_anchors_per_location
-            self.init_report = initialize_from(model, Path(source), names, self.config.model.init_class_map, anchors).line()
+            self.init_report = initialize_from(
+                model, storage.location(source), names, self.config.model.init_class_map, anchors
+            ).line()
 
         return initialize
 
-    def _restore(self, path: Path, payload: Dict) -> None:
+    def _resume_point(self) -> Optional[Tuple[Location, Dict]]:
+        """The newest valid checkpoint, as replica 0 sees it: every replica resumes from the one
+        step it chose (two hosts listing a bucket a moment apart could otherwise disagree)."""
+        found = self.checkpoints.newest_valid() if self.replicas.is_master else None
+        if self.replicas.world == 1:
+            return found
+        step = self.replicas.from_master(found[1]["step"] if found else -1, self.runtime)
+        if step < 0:
+            return None
+        if found is None:
+            path = self.checkpoints.step_path(step)
+            found = path, load_checkpoint(path)
+        return found
+
+    def _restore(self, path: Location, payload: Dict) -> None:
         missing = [key for key in RESUME_KEYS if key not in payload]
         if missing:
             raise CheckpointError(
@@ -195,26 +218,36 @@ class Trainer:
         """The master writes (every replica holds the same weights); the others wait for it
         on the host, not inside the next step's all-reduce."""
         if self.replicas.is_master:
+            self._upload_logs()  # first: a checkpoint in the bucket means its logs are there too
             self.last_checkpoint = self.checkpoints.save(step, self._payload(step))
         self.replicas.barrier()
+
+    def _upload_logs(self) -> None:
+        """The staged logs to the bucket (nothing to do for a local output)."""
+        if self.replicas.is_master:
+            self.run_files.push()
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> Dict:
         c, runtime, replicas = self.config.train, self.runtime, self.replicas
         first = self.start_step + 1
-        log = MetricsLog(self.output_dir, c.steps, self.start_step, self.console) if replicas.is_master else SilentLog()
+        local = self.run_files.local
+        log = MetricsLog(local, c.steps, self.start_step, self.console) if replicas.is_master else SilentLog()
         log.message(
             f"training steps {first}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
             f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
             f"on {runtime.device} -> {self.output_dir}"
         )
-        log.message(f"TensorBoard: tensorboard --logdir {self.output_dir / 'tensorboard'}")
+        uploaded = (
+            f" (uploaded to {storage.join(self.output_dir, 'tensorboard')} at each checkpoint)" if self.run_files.remote else ""
+        )
+        log.message(f"TensorBoard: tensorboard --logdir {local / 'tensorboard'}{uploaded}")
         if self.init_report:
             log.message(self.init_report)
         cadence = Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, replicas.world)
         compiles = CompileWatch(lambda: runtime.compilations()["count"])
-        tensorboard = self.output_dir / "tensorboard"
+        tensorboard = local / "tensorboard"
         profile = ProfileWindow(
             self.config.runtime.profile_steps if replicas.is_master else None,  # one trace per run
             c.steps,
@@ -226,7 +259,7 @@ class Trainer:
         batches = runtime.device_batches(self.counters)
         replicas.barrier()  # every replica is past its own setup graphs before step 1's
         try:
-            with PreemptionGuard(stop_file(self.output_dir)) as guard:
+            with PreemptionGuard(stop_file(local)) as guard:
                 for step in range(first, c.steps + 1):
                     profile.before(step)
                     outputs = self.step_fn(next(batches))
@@ -271,6 +304,7 @@ class Trainer:
             batches.close()
             profile.close()  # stopped or failed inside the window: keep what was traced
             log.close()
+            self._upload_logs()
         waits = input_wait.fractions() if input_wait is not None and c.steps > first else {}
         return self._summary(clock, warm_clock, first_step_seconds, compiles, waits)
 
@@ -336,7 +370,8 @@ class Trainer:
             "replicas": self.replicas.world,
         }
         if self.replicas.is_master:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.run_files.local / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._upload_logs()
         if summary["compilations_after_warmup"]:
             logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
         return summary

@@ -1,0 +1,361 @@
+"""Where files live: a local path, or a URL of any fsspec back-end (``gs://`` above all).
+
+Every path a user gives goes through ``location``: a local path stays a ``pathlib.Path`` and
+keeps the exact behaviour it always had (atomic renames, fsync); a URL stays a string, because
+``Path("gs://b/x")`` silently becomes ``gs:/b/x``. The functions here take either, so a caller
+never asks which one it holds.
+
+Object stores have no rename: ``write_file`` uploads a finished local file in one request, and
+an object becomes visible only when its upload is finalized, so a reader never sees half a
+file under its final name (docs/checkpoints.md). They also have no appending and no locks;
+``StagedDirectory`` keeps a run's log files in a local directory and uploads them at the
+moments a run makes durable (each checkpoint, the end).
+
+Failures of a back-end (an unknown scheme, a missing bucket, gcsfs not installed, no
+credentials) become one-line ``StorageError``s naming the URL.
+"""
+
+import contextlib
+import hashlib
+import io
+import os
+import posixpath
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+
+from retinanet_xla.errors import UserError
+
+Location = Union[Path, str]  # a local path, or a URL such as gs://bucket/key
+EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class StorageError(UserError):
+    """A URL that cannot be used: unknown scheme, missing back-end, bucket or permission."""
+
+
+def is_url(path: Location) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def location(value: Union[str, os.PathLike]) -> Location:
+    """A user's path: a URL as given (without a trailing slash), anything else a ``Path``."""
+    text = os.fspath(value)
+    if is_url(text):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return Path(text).expanduser()
+
+
+def join(base: Location, *names: str) -> Location:
+    if is_url(base):
+        return posixpath.join(base, *names)
+    return Path(base).joinpath(*names)
+
+
+def parent(path: Location) -> Location:
+    if is_url(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest)}" if "/" in rest else path
+    return Path(path).parent
+
+
+def name(path: Location) -> str:
+    return posixpath.basename(path) if is_url(path) else Path(path).name
+
+
+def stem(path: Location) -> str:
+    return posixpath.splitext(name(path))[0] if is_url(path) else Path(path).stem
+
+
+def _filesystem(url: str):
+    """The fsspec file system for ``url`` (fsspec caches instances, and makes new ones in a
+    forked data worker, whose parent's event loop it cannot use)."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0]
+    try:
+        return fsspec.filesystem(scheme)
+    except ValueError:
+        raise StorageError(
+            f"{url}: unknown storage scheme {scheme}:// (use a local path, gs://, or another installed fsspec back-end)"
+        ) from None
+    except ImportError:
+        extra = EXTRAS.get(scheme)
+        hint = (
+            f"pip install 'retinanet-xla[{extra}]'" if extra == "gcs" else f"pip install {extra or 'the fsspec back-end for it'}"
+        )
+        raise StorageError(f"{url}: reading {scheme}:// needs a package that is not installed: {hint}") from None
+
+
+def describe_failure(url: str, error: BaseException) -> str:
+    """One line for what a back-end raised: the status and its reason, never a traceback."""
+    status = getattr(error, "code", None) or getattr(error, "status", None)
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if status and text.endswith(f", {status}"):  # gcsfs's HttpError appends its status
+        text = text[: -len(f", {status}")]
+    kind = type(error).__name__
+    if "DefaultCredentialsError" in kind or "RefreshError" in kind or status in (401, 403):
+        return f"{url}: access denied ({text}); on a TPU VM check its service account, elsewhere run `gcloud auth application-default login`"
+    if isinstance(error, FileNotFoundError):
+        return f"{url}: no such object or bucket"
+    return f"{url}: {text}" + (f" (HTTP {status})" if status else "")
+
+
+def _remote(url: str, action: Callable, *args, **kwargs):
+    """``action(fs, ...)`` with a back-end's errors turned into a ``StorageError``;
+    ``FileNotFoundError`` passes through, since callers ask "is it there?" with it."""
+    fs = _filesystem(url)
+    try:
+        return action(fs, *args, **kwargs)
+    except FileNotFoundError:
+        raise
+    except StorageError:
+        raise
+    except Exception as error:  # gcsfs's HttpError, google.auth's errors, aiohttp's
+        raise StorageError(describe_failure(url, error)) from None
+
+
+_BUCKETS_SEEN: Set[str] = set()
+
+
+def _require_bucket(url: str) -> None:
+    """A URL whose bucket does not exist is an error, not "no such file": the user mistyped it
+    or cannot see it. (Checked once per bucket and process.)"""
+    scheme, rest = url.split("://", 1)
+    root = f"{scheme}://{rest.split('/', 1)[0]}"
+    if root in _BUCKETS_SEEN:
+        return
+    _filesystem(url)  # an unknown scheme or a missing back-end, named with the whole URL
+    if not _remote(root, lambda fs: fs.exists(root)):
+        raise StorageError(f"{url}: bucket {root} does not exist (or this account cannot see it)")
+    _BUCKETS_SEEN.add(root)
+
+
+def exists(path: Location) -> bool:
+    if not is_url(path):
+        return Path(path).exists()
+    _require_bucket(path)
+    return _remote(path, lambda fs: fs.exists(path))
+
+
+def is_file(path: Location) -> bool:
+    if not is_url(path):
+        return Path(path).is_file()
+    _require_bucket(path)
+    return _remote(path, lambda fs: fs.isfile(path))
+
+
+def is_dir(path: Location) -> bool:
+    """A local directory, or a URL with objects under it (object stores have no directories)."""
+    if not is_url(path):
+        return Path(path).is_dir()
+    _require_bucket(path)
+    return _remote(path, lambda fs: fs.isdir(path))
+
+
+def glob(directory: Location, pattern: str) -> List[Location]:
+    """Files in ``directory`` (not below) whose names match ``pattern``, sorted by name."""
+    if not is_url(directory):
+        return sorted(p for p in Path(directory).glob(pattern) if p.is_file()) if Path(directory).is_dir() else []
+    scheme = directory.split("://", 1)[0]
+    found = _remote(directory, lambda fs: fs.glob(posixpath.join(directory, pattern), detail=True))
+    return sorted(f"{scheme}://{key.split('://', 1)[-1]}" for key, info in found.items() if info.get("type") == "file")
+
+
+def files_below(directory: Location) -> Set[str]:
+    """Every file's path relative to ``directory``, recursively: one listing, not one request
+    per file (118k requests for COCO's images on a bucket)."""
+    if not is_url(directory):
+        root = Path(directory)
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    prefix = directory.split("://", 1)[1].rstrip("/") + "/"
+    found = _remote(directory, lambda fs: fs.find(directory))
+    return {item.split("://", 1)[-1][len(prefix) :] for item in found}
+
+
+def read_bytes(path: Location) -> bytes:
+    return _remote(path, lambda fs: fs.cat_file(path)) if is_url(path) else Path(path).read_bytes()
+
+
+def read_text(path: Location) -> str:
+    return read_bytes(path).decode()
+
+
+def read_many(paths: List[Location]) -> List[Union[bytes, Exception]]:
+    """The bytes of every path, or the exception reading it raised. URLs are fetched
+    concurrently (``FETCH_THREADS`` at a time): one object at a time from a bucket spends most
+    of its time waiting for the first byte (docs/performance.md)."""
+
+    def read(path: Location) -> Union[bytes, Exception]:
+        try:
+            return read_bytes(path)
+        except (OSError, StorageError) as error:
+            return error
+
+    if sum(is_url(p) for p in paths) < 2:
+        return [read(p) for p in paths]
+    return list(_fetch_pool().map(read, paths))
+
+
+FETCH_THREADS = 16
+_POOLS: Dict[int, ThreadPoolExecutor] = {}
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """This process's fetch threads (a forked data worker makes its own: threads do not fork)."""
+    pool = _POOLS.get(os.getpid())
+    if pool is None:
+        pool = _POOLS[os.getpid()] = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
+    return pool
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file(path: Location, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Create ``path`` whole or not at all: ``write(handle)`` fills a temporary file, which is
+    fsynced and renamed over ``path`` (local), or uploaded in one request (a URL: the object
+    appears only when the upload is finalized). A failed write leaves nothing behind."""
+    if not is_url(path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    directory = Path(path).parent if not is_url(path) else None
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if is_url(path):
+            _remote(path, lambda fs: fs.put_file(temporary, path))
+            os.unlink(temporary)
+            return
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the user's group
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    handle_of_directory = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle_of_directory)  # the rename itself survives a power cut
+    finally:
+        os.close(handle_of_directory)
+
+
+def write_bytes(path: Location, data: bytes) -> None:
+    write_file(path, lambda handle: handle.write(data))
+
+
+def write_text(path: Location, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def remove(path: Location) -> None:
+    """Delete a file; one that is already gone is fine."""
+    if not is_url(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    try:
+        _remote(path, lambda fs: fs.rm_file(path))
+    except FileNotFoundError:
+        pass
+
+
+def move(source: Location, target: Location) -> None:
+    """Rename a file or a directory (on object storage: copy every object, then delete)."""
+    if not is_url(source):
+        Path(source).rename(target)
+        return
+    _remote(source, lambda fs: fs.mv(source, target, recursive=True))
+
+
+def make_dirs(path: Location) -> None:
+    """A local directory (object stores need none; a missing bucket is reported by ``is_dir``)."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def written_through(target: Location) -> Iterator[Path]:
+    """A local directory to write files into that end up in ``target``: ``target`` itself when
+    it is local; for a URL, a temporary directory whose files are uploaded when the block ends
+    without an error (export artefacts, predictions, which their writers want as local files)."""
+    if not is_url(target):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        yield Path(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="retinanet-xla-upload-") as scratch:
+        yield Path(scratch)
+        for path in sorted(Path(scratch).rglob("*")):
+            if path.is_file():
+                write_bytes(join(target, str(path.relative_to(scratch))), path.read_bytes())
+
+
+class StagedDirectory:
+    """A directory written through a local one: the directory itself when it is local; for a
+    URL, a per-URL folder under the local cache whose files ``push`` uploads (those changed
+    since the last push) and ``pull`` downloads. Logs that are appended line by line
+    (``metrics.jsonl``) and TensorBoard's event files live here: object stores cannot append."""
+
+    def __init__(self, target: Location, cache_root: Optional[Path] = None):
+        self.target = target
+        if is_url(target):
+            root = cache_root or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retinanet-xla" / "staging"
+            digest = hashlib.sha256(target.encode()).hexdigest()[:16]
+            self.local = root / f"{name(target)}-{digest}"
+        else:
+            self.local = Path(target)
+        self._pushed: Dict[str, Tuple[int, int]] = {}
+
+    @property
+    def remote(self) -> bool:
+        return is_url(self.target)
+
+    def _files(self) -> Iterable[Path]:
+        return (p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.startswith("."))
+
+    def pull(self, names: Iterable[str]) -> None:
+        """Replace the local copies of ``names`` (files or folders) with the remote ones."""
+        if not self.remote:
+            return
+        for entry in names:
+            local = self.local / entry
+            if local.is_dir():
+                shutil.rmtree(local)
+            else:
+                local.unlink(missing_ok=True)
+            url = join(self.target, entry)
+            files = [url] if is_file(url) else [join(url, rel) for rel in sorted(files_below(url))] if is_dir(url) else []
+            for remote in files:
+                relative = remote[len(self.target) + 1 :]
+                (self.local / relative).parent.mkdir(parents=True, exist_ok=True)
+                (self.local / relative).write_bytes(read_bytes(remote))
+        self._pushed = {str(p.relative_to(self.local)): self._stamp(p) for p in self._files()}
+
+    @staticmethod
+    def _stamp(path: Path) -> Tuple[int, int]:
+        stat = path.stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def push(self) -> List[str]:
+        """Upload every file changed since the last push; returns their relative names."""
+        if not self.remote:
+            return []
+        uploaded = []
+        for path in self._files():
+            relative = str(path.relative_to(self.local))
+            stamp = self._stamp(path)
+            if self._pushed.get(relative) == stamp:
+                continue
+            data = path.read_bytes()
+            write_bytes(join(self.target, relative), data)
+            self._pushed[relative] = stamp
+            uploaded.append(relative)
+        return uploaded
