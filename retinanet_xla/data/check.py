@@ -1,9 +1,9 @@
 """``retinanet-xla data check``: every problem of a dataset, without training."""
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List
 
+from retinanet_xla import storage
 from retinanet_xla.data.coco import CocoDataset, load_coco
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 
@@ -34,7 +34,7 @@ class CheckReport:
         return out
 
 
-def check_dataset(annotations: Path, images: Path, decode: bool = True) -> CheckReport:
+def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckReport:
     """Load with the training defaults and, with ``decode``, decode every image as training would."""
     dataset = load_coco(annotations, images)
     if decode:
@@ -48,7 +48,7 @@ def check_dataset(annotations: Path, images: Path, decode: bool = True) -> Check
             if (image.width, image.height) != (record.width, record.height):
                 dataset.note(
                     "image size differs from the JSON",
-                    f"{record.path.name}: {image.width}x{image.height} vs {record.width}x{record.height}",
+                    f"{storage.name(record.path)}: {image.width}x{image.height} vs {record.width}x{record.height}",
                 )
             readable.append(record)
         dataset.records = readable
