@@ -3,19 +3,21 @@
 Writes the synthetic dataset at COCO-like sizes (480-640 px JPEG/PNG), uploads it to
 fake-gcs-server on 127.0.0.1 (the test suite's server, ``tests/gcs_server.py``), and times
 ``measure_pipeline`` (decode + every augmentation, a batch at a time as the DataLoader asks) on
-both, in alternating pairs. ``--latency-ms`` adds a delay to every packet on the loopback
-interface (``tc qdisc ... netem``, needs root) so that the server answers as slowly as a real
-bucket does; it is removed at the end. Usage:
+both, in alternating pairs. ``--latency-ms`` puts a proxy in front of the server that holds every
+request for that long before passing it on, so that the server answers as slowly as a real
+bucket does (Cloud Storage's time to first byte is tens of milliseconds). Usage:
 
     python benchmarks/gcs_reads.py --pairs 3 [--latency-ms 20] [--threads 16] [--json out.json]
 """
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,9 +28,41 @@ from retinanet_xla.data.throughput import measure_pipeline  # noqa: E402
 from tests.gcs_server import GcsServer  # noqa: E402
 
 
-def loopback_delay(milliseconds: float) -> None:
-    command = ["tc", "qdisc", "replace", "dev", "lo", "root", "netem", "delay", f"{milliseconds}ms"]
-    subprocess.run(command if milliseconds else ["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+class DelayingProxy:
+    """A TCP proxy on 127.0.0.1 that forwards each chunk a client sends after ``seconds``: every
+    HTTP request then takes that much longer, as over a long network path."""
+
+    def __init__(self, upstream: str, seconds: float):
+        host, port = upstream.split("//", 1)[1].rsplit(":", 1)
+        self.upstream, self.seconds = (host, int(port)), seconds
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        ready.wait()
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._connection, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        ready.set()
+        self.loop.run_forever()
+
+    async def _connection(self, reader, writer) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+
+        async def pipe(source, target, delay: float) -> None:
+            try:
+                while data := await source.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    target.write(data)
+                    await target.drain()
+            finally:
+                target.close()
+
+        await asyncio.gather(
+            pipe(reader, upstream_writer, self.seconds), pipe(upstream_reader, writer, 0.0), return_exceptions=True
+        )
 
 
 def main() -> None:
@@ -50,17 +84,15 @@ def main() -> None:
             server.upload_tree(local, f"{bucket}/data")
             remote = (f"{bucket}/data/annotations/instances_train.json", f"{bucket}/data/train")
             sources = {"local": (str(paths["annotations"]), str(paths["images"])), "gcs": remote}
-            if args.latency_ms:
-                loopback_delay(args.latency_ms)
+            if args.latency_ms:  # gcsfs reads the variable when it makes a client
+                os.environ["STORAGE_EMULATOR_HOST"] = DelayingProxy(
+                    os.environ["STORAGE_EMULATOR_HOST"], args.latency_ms / 1000
+                ).url
             rates = {name: [] for name in sources}
-            try:
-                for _ in range(args.pairs):
-                    for name, (annotations, images) in sources.items():
-                        result = measure_pipeline((640, 640), args.images, annotations, images)
-                        rates[name].append(result.images_per_second)
-            finally:
-                if args.latency_ms:
-                    loopback_delay(0)
+            for _ in range(args.pairs):
+                for name, (annotations, images) in sources.items():
+                    result = measure_pipeline((640, 640), args.images, annotations, images)
+                    rates[name].append(result.images_per_second)
     finally:
         server.stop()
     report = {
