@@ -18,8 +18,10 @@ from retinanet_xla.data import (
     build_loader,
     load_coco,
 )
+from retinanet_xla.data.check import check_dataset
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.synthetic import write_synthetic_dataset
+from tests.cli_helpers import ROOT, TINY, run_cli
 
 SCRIPT = Path(sys.executable).parent / "retinanet-xla"
 
@@ -364,7 +366,6 @@ def test_values_that_crashed_training_or_were_trained_on_wrongly_are_named_and_d
 
 def test_a_dataset_without_boxes_is_refused_for_training_and_reported_by_check(tmp_path):
     from retinanet_xla.config import load_config
-    from retinanet_xla.data.check import check_dataset
     from retinanet_xla.data.splits import dataset_split
 
     path, images_dir = write_coco(tmp_path, [image(1), image(2)], [])
@@ -375,17 +376,27 @@ def test_a_dataset_without_boxes_is_refused_for_training_and_reported_by_check(t
     assert not report.ok and "no usable boxes in any image: 1" in "\n".join(report.lines())
 
 
-def test_truncation_warning_counts_the_boxes_past_max_boxes(tmp_path):
-    from retinanet_xla.data.splits import truncation_warning
+def test_box_budget_warns_below_one_percent_dropped_and_refuses_above(tmp_path):
+    from retinanet_xla.data.splits import check_box_budget
 
-    boxes = [box(1, [i, i, 5, 5], annotation_id=i + 1) for i in range(6)] + [box(2, [1, 1, 5, 5], annotation_id=50)]
-    path, images_dir = write_coco(tmp_path, [image(1), image(2)], boxes)
+    # Image 1 holds 6 boxes, the 99 others 1 each: 105 boxes.
+    boxes = [box(1, [i, i, 5, 5], annotation_id=i + 1) for i in range(6)]
+    boxes += [box(n, [1, 1, 5, 5], annotation_id=100 + n) for n in range(2, 101)]
+    path, images_dir = write_coco(tmp_path, [image(n) for n in range(1, 101)], boxes)
     dataset = load_coco(path, images_dir)
-    assert truncation_warning(dataset, 6) is None
-    assert truncation_warning(dataset, 4) == (
-        f"1 of 2 images in {path} have more than data.max_boxes=4 boxes (up to 6); 2 of 7 boxes (28.6%) are dropped "
-        "and their objects count as background: set data.max_boxes to 6 to keep them"
+    assert check_box_budget(dataset, 6) == (6, None)
+    assert check_box_budget(dataset, 5) == (
+        5,
+        f"1 of 100 images in {path} have more than data.max_boxes=5 boxes (up to 6); 1 of 105 boxes (1.0%) are dropped "
+        "and their objects count as background: set data.max_boxes to 6 to keep them",
     )
+    with pytest.raises(DatasetError) as refused:  # 2 of 105 boxes: over 1%
+        check_box_budget(dataset, 4)
+    assert str(refused.value) == (
+        f"1 of 100 images in {path} have more than data.max_boxes=4 boxes (up to 6); 2 of 105 boxes (1.9%) would be "
+        "dropped and their objects trained as background: set data.max_boxes to 6 (or auto), or remove the crowded images"
+    )
+    assert check_box_budget(dataset, "auto") == (8, None)  # 6, rounded up to a multiple of 8
 
 
 def test_only_jpeg_and_png_are_decoded_whatever_the_file_name(tmp_path):
@@ -405,11 +416,51 @@ def test_the_pixel_count_is_refused_from_the_header_before_decoding(tmp_path, mo
     path = tmp_path / "large.png"
     Image.new("L", (300, 200)).save(path)
     monkeypatch.setattr(image_io, "MAX_PIXELS", 50_000)
-    with pytest.raises(UnreadableImage, match=r"large.png: 300x200 pixels, more than the 50,000 allowed"):
+    with pytest.raises(UnreadableImage, match=r"large.png: 300x200 pixels, more than the 50,000 allowed \(data.max_pixels\)"):
         read_rgb(path)
+    assert read_rgb(path, max_pixels=60_000).size == (300, 200)  # the config's limit wins
+    with pytest.raises(UnreadableImage, match=r"more than the 59,999 allowed"):
+        read_rgb(path, max_pixels=59_999)
 
 
 def test_sixteen_bit_png_keeps_its_top_byte(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.array([[0, 256, 65535, 40000]], dtype=np.uint16)).save(path)
     assert np.asarray(read_rgb(path))[0, :, 0].tolist() == [0, 1, 255, 156]
+
+
+def test_train_refuses_a_max_boxes_that_drops_objects_before_writing_anything(tmp_path, capsys, monkeypatch):
+    overrides = [arg for override in (*TINY, "data.max_boxes=3") for arg in ("--set", override)]
+    result = run_cli(capsys, monkeypatch, "train", ROOT / "configs" / "smoke.yaml", "--output", tmp_path / "run", *overrides)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "have more than data.max_boxes=3 boxes (up to 5)" in line
+    assert line.endswith(
+        "would be dropped and their objects trained as background: set data.max_boxes to 5 (or auto), or remove the crowded images"
+    )
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_boxes_of_an_exif_rotated_photo_turn_with_its_pixels(tmp_path, orientation):
+    """A phone photo stored sideways, annotated in its stored pixels (the JSON gives the stored
+    size): after EXIF orientation the box must cover the same object, not be stretched."""
+    stored = Image.new("RGB", (60, 40), (0, 0, 0))
+    stored.paste((255, 0, 0), (5, 10, 20, 30))  # the object: x 5-20, y 10-30 in stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.png", exif=exif)
+    annotations = {
+        "images": [{"id": 1, "file_name": "photo.png", "width": 60, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 10, 15, 20], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(annotations))
+    coco = load_coco(tmp_path / "instances.json", tmp_path)
+    sample = DetectionDataset(coco.records, coco.mapping, (60, 60), max_boxes=2)[0]
+    box = sample["boxes"][0] / sample["scale"]  # back in the displayed photo's pixels
+    displayed = np.asarray(read_rgb(tmp_path / "photo.png"))
+    assert displayed.shape[:2] == (60, 40)  # turned on its side
+    ys, xs = np.nonzero(displayed[:, :, 0] > 128)
+    np.testing.assert_allclose(box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=0.01)
+    assert check_dataset(tmp_path / "instances.json", tmp_path).ok  # the stored size is a valid size

@@ -27,7 +27,7 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
     box counts show that they do not change the graph."""
     generator = torch.Generator().manual_seed(seed)
     height, width = config.data.image_size
-    max_boxes = config.data.max_boxes
+    max_boxes = 100 if config.data.max_boxes == "auto" else config.data.max_boxes  # no dataset to take it from
     batches = []
     for _ in range(DISTINCT_BATCHES):
         boxes = torch.zeros(batch_size, max_boxes, 4)

@@ -35,7 +35,9 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
     if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None)) + " or null"
+        args = typing.get_args(hint)
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return names + (" or null" if type(None) in args else "")
     if origin in (list, List):
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if origin in (dict, Dict):
@@ -47,10 +49,15 @@ def _convert(value, hint, key: str, where: str):
     origin = typing.get_origin(hint)
     wrong = ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
     if origin is typing.Union:
-        if value is None:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(value, inner, key, where)
+        for inner in (a for a in args if a is not type(None)):  # the first type the value fits
+            try:
+                return _convert(value, inner, key, where)
+            except ConfigError:
+                continue
+        raise wrong
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise wrong

@@ -6,7 +6,7 @@ model is built."""
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 # The vocabulary of the config; modules that act on these values import them from here.
 LABEL_MAPPINGS = ("contiguous", "raw")
@@ -86,17 +86,24 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     image_size: List[int] = field(default_factory=lambda: [640, 640])  # [height, width]
-    max_boxes: int = 100
+    max_boxes: Union[int, str] = 100  # ground-truth boxes per image in a batch; auto: the training set's most, rounded up to 8s
     label_mapping: str = "contiguous"  # contiguous | raw
     augmentation: Augmentation = field(default_factory=Augmentation)
     num_workers: int = 4
+    max_pixels: int = 100_000_000  # larger images are refused from their header, before decoding (a bomb guard)
 
     def __post_init__(self):
         size = self.image_size
         _require(len(size) == 2 and min(size) >= 32, "image_size", size, "[height, width] with both >= 32")
-        _require(self.max_boxes > 0, "max_boxes", self.max_boxes, "> 0")
+        _require(
+            self.max_boxes == "auto" or (isinstance(self.max_boxes, int) and self.max_boxes > 0),
+            "max_boxes",
+            self.max_boxes,
+            "> 0 or auto",
+        )
         _one_of("label_mapping", self.label_mapping, LABEL_MAPPINGS)
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _require(self.max_pixels >= 1, "max_pixels", self.max_pixels, ">= 1")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from typing import Dict, List
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CocoDataset, load_coco
-from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+from retinanet_xla.data.image_io import UnreadableImage, read_oriented
 
 
 @dataclass
@@ -41,11 +41,13 @@ def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckRe
         readable = []
         for record in dataset.records:
             try:
-                image = read_rgb(record.path)
+                oriented = read_oriented(record.path)
             except UnreadableImage as error:
                 dataset.note("unreadable image", str(error))
                 continue
-            if (image.width, image.height) != (record.width, record.height):
+            image = oriented.image
+            # The JSON may give the displayed size or, for an EXIF-rotated photo, the stored one.
+            if (record.width, record.height) not in ((image.width, image.height), oriented.stored_size):
                 dataset.note(
                     "image size differs from the JSON",
                     f"{storage.name(record.path)}: {image.width}x{image.height} vs {record.width}x{record.height}",

@@ -8,7 +8,7 @@ import torch
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping, ImageRecord
-from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+from retinanet_xla.data.image_io import OrientedImage, UnreadableImage, orient_boxes, read_oriented
 from retinanet_xla.data.transforms import Augmentation, letterbox, random_resized_crop
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         image_size: Sequence[int],
         max_boxes: int,
         augmentation: Optional[Augmentation] = None,
+        max_pixels: Optional[int] = None,
     ):
         if max_boxes < 1:
             raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
@@ -41,6 +42,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.image_size = tuple(int(s) for s in image_size)
         self.max_boxes = max_boxes
         self.augmentation = augmentation
+        self.max_pixels = max_pixels  # None: image_io.MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,7 +68,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             record = self.records[(index + attempt) % len(self.records)]
             data = fetched.get(record.path) if attempt == 0 else None
             try:
-                image = read_rgb(record.path, None if isinstance(data, Exception) else data)
+                image = read_oriented(record.path, None if isinstance(data, Exception) else data, self.max_pixels)
             except UnreadableImage as error:
                 logger.warning("skipping unreadable image %s", error)
                 unreadable += 1
@@ -76,11 +78,15 @@ class DetectionDataset(torch.utils.data.Dataset):
             return sample
         raise RuntimeError(f"none of the {len(self.records)} images of the dataset can be read")
 
-    def _transform(self, record: ImageRecord, image, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        boxes = record.boxes
+    def _transform(self, record: ImageRecord, oriented: OrientedImage, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        image, boxes = oriented.image, record.boxes
         if (image.width, image.height) != (record.width, record.height):
-            # The JSON's size is wrong (or EXIF rotated the image): rescale to the decoded pixels.
-            boxes = boxes * np.array([image.width / record.width, image.height / record.height] * 2, dtype=np.float32)
+            if (record.width, record.height) == oriented.stored_size:
+                # The JSON describes the file's stored pixels, which EXIF turned on their side:
+                # the boxes turn with them.
+                boxes = orient_boxes(boxes, oriented.orientation, oriented.stored_size)
+            else:  # the JSON's size is wrong: rescale to the decoded pixels
+                boxes = boxes * np.array([image.width / record.width, image.height / record.height] * 2, dtype=np.float32)
         labels = self.mapping.to_labels(record.category_ids)
         crowd = record.crowd
         if self.augmentation is None:

@@ -8,7 +8,8 @@ decoded: Pillow itself only warns up to twice its own limit, and decodes a 144 M
 """
 
 import io
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,31 +19,48 @@ from retinanet_xla.storage import Location
 
 FORMATS = ("JPEG", "PNG")
 # A decompression bomb in an untrusted dataset must fail, not exhaust a data worker's memory:
-# COCO's largest image has 0.3 M pixels, a 10,000 x 10,000 aerial tile 100 M.
+# COCO's largest image has 0.3 M pixels, a 10,000 x 10,000 aerial tile 100 M. The default of
+# data.max_pixels; the header check below replaces Pillow's own (which only warns up to twice
+# its limit).
 MAX_PIXELS = 100_000_000
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = None
+ORIENTATION_TAG = 0x0112  # EXIF
 
 
 class UnreadableImage(Exception):
     """The file is missing or cannot be decoded; the loader substitutes another image."""
 
 
-def read_rgb(path: Location, data: Optional[bytes] = None) -> Image.Image:
+def read_rgb(path: Location, data: Optional[bytes] = None, max_pixels: Optional[int] = None) -> Image.Image:
     """Decode ``path`` (or its ``data``, already fetched) as RGB, with EXIF orientation applied
     (phone photos are stored sideways). Grayscale, palette, RGBA (alpha dropped), CMYK and
     16-bit images all become RGB."""
+    return read_oriented(path, data, max_pixels).image
+
+
+@dataclass
+class OrientedImage:
+    image: Image.Image  # as displayed: EXIF orientation applied
+    orientation: int  # the EXIF orientation tag (1: stored as displayed)
+    stored_size: Tuple[int, int]  # (width, height) of the pixels in the file
+
+
+def read_oriented(path: Location, data: Optional[bytes] = None, max_pixels: Optional[int] = None) -> OrientedImage:
+    """``read_rgb``, and what the EXIF orientation did (boxes in the stored frame follow it)."""
     try:
         if data is None:
             data = storage.read_bytes(path)
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise UnreadableImage(f"{path}: {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
+            limit = MAX_PIXELS if max_pixels is None else max_pixels
+            if width * height > limit:
+                raise UnreadableImage(f"{path}: {width}x{height} pixels, more than the {limit:,} allowed (data.max_pixels)")
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale PNG
                 image = image.convert("I")  # 32-bit: its top byte of 16 is the 8-bit value
                 image = Image.fromarray((np.asarray(image) >> 8).clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
+            return OrientedImage(image.convert("RGB"), orientation if orientation in range(1, 9) else 1, (width, height))
     except Image.UnidentifiedImageError:
         raise UnreadableImage(f"{path}: not a {' or '.join(FORMATS)} image") from None
     except FileNotFoundError:
@@ -51,3 +69,19 @@ def read_rgb(path: Location, data: Optional[bytes] = None) -> Image.Image:
         raise UnreadableImage(str(error)) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise UnreadableImage(f"{path}: {error}") from None
+
+
+def orient_boxes(boxes: np.ndarray, orientation: int, stored_size: Tuple[int, int]) -> np.ndarray:
+    """Boxes (x1 y1 x2 y2) given in a file's stored pixels, moved as ``ImageOps.exif_transpose``
+    moves the pixels. Only the orientations that swap width and height (5-8) are needed: with the
+    others, the stored and displayed sizes agree and boxes are taken as drawn on the displayed
+    image (what annotation tools show)."""
+    width, height = stored_size
+    x1, y1, x2, y2 = boxes.T
+    moved = {
+        5: (y1, x1, y2, x2),  # transposed
+        6: (height - y2, x1, height - y1, x2),  # rotated 90 degrees clockwise
+        7: (height - y2, width - x2, height - y1, width - x1),  # transversed
+        8: (y1, width - x2, y2, width - x1),  # rotated 90 degrees counter-clockwise
+    }
+    return np.stack(moved[orientation], axis=1).astype(np.float32) if orientation in moved else boxes

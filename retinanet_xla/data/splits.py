@@ -1,7 +1,7 @@
 """A configured split, or the built-in synthetic dataset in its place."""
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from retinanet_xla import storage
 from retinanet_xla.config import Config
@@ -45,17 +45,39 @@ def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
     return coco
 
 
-def truncation_warning(coco: CocoDataset, max_boxes: int) -> Optional[str]:
-    """One line when some images hold more boxes than ``data.max_boxes``: the batches keep the
-    largest ``max_boxes`` of each (real objects before crowd regions), and the objects past them
-    count as background."""
+# Training refuses to start when more than this share of the boxes would be dropped because
+# their images hold more than data.max_boxes: those objects would silently count as background.
+MAX_DROPPED_SHARE = 0.01
+AUTO_MULTIPLE = 8  # data.max_boxes: auto rounds the dataset's maximum up to a multiple of this
+
+
+def resolve_max_boxes(coco: CocoDataset, setting: Union[int, str]) -> int:
+    """``data.max_boxes`` for this dataset: the number, or for ``auto`` the most boxes any image
+    holds, rounded up (a few boxes more or less in a new version of the data keep the shapes,
+    and so the compiled step)."""
+    if setting != "auto":
+        return int(setting)
+    most = max((len(record.boxes) for record in coco.records), default=1)
+    return max(AUTO_MULTIPLE, -(-most // AUTO_MULTIPLE) * AUTO_MULTIPLE)
+
+
+def check_box_budget(coco: CocoDataset, setting: Union[int, str]) -> Tuple[int, Optional[str]]:
+    """The resolved ``max_boxes`` and a warning line when some images hold more boxes (the
+    batches keep the largest of each, real objects before crowd regions; the rest count as
+    background). More than ``MAX_DROPPED_SHARE`` of the boxes dropped is a ``DatasetError``."""
+    max_boxes = resolve_max_boxes(coco, setting)
     counts = [len(record.boxes) for record in coco.records]
     over = [count for count in counts if count > max_boxes]
     if not over:
-        return None
-    dropped = sum(count - max_boxes for count in over)
-    return (
+        return max_boxes, None
+    dropped, total = sum(count - max_boxes for count in over), sum(counts)
+    found = (
         f"{len(over)} of {len(counts)} images in {coco.annotations_file} have more than data.max_boxes={max_boxes} boxes "
-        f"(up to {max(over)}); {dropped} of {sum(counts)} boxes ({dropped / sum(counts):.1%}) are dropped and their "
-        f"objects count as background: set data.max_boxes to {max(over)} to keep them"
+        f"(up to {max(over)}); {dropped} of {total} boxes ({dropped / total:.1%})"
     )
+    if dropped > MAX_DROPPED_SHARE * total:
+        raise DatasetError(
+            f"{found} would be dropped and their objects trained as background: set data.max_boxes to {max(over)} "
+            f"(or auto), or remove the crowded images"
+        )
+    return max_boxes, f"{found} are dropped and their objects count as background: set data.max_boxes to {max(over)} to keep them"

@@ -7,7 +7,7 @@ import torch
 
 from retinanet_xla import storage
 from retinanet_xla.data import DetectionDataset, collate
-from retinanet_xla.data.splits import dataset_split
+from retinanet_xla.data.splits import dataset_split, resolve_max_boxes
 from retinanet_xla.export.formats import Exported, compare_with_package, export
 from retinanet_xla.inference.loading import load_for_inference
 from retinanet_xla.rundir.directory import local_run_files, run_of
@@ -46,7 +46,11 @@ def validation_batch(loaded, batch_size: int, uint8_input: bool) -> Tuple[torch.
     coco = dataset_split(config, "val", local_run_files(loaded.checkpoint))
     coco.mapping = loaded.mapping
     dataset = DetectionDataset(
-        coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, augmentation=None
+        coco.records,
+        coco.mapping,
+        tuple(config.data.image_size),
+        resolve_max_boxes(coco, config.data.max_boxes),
+        augmentation=None,
     )
     batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     images = batch["images"]

@@ -11,6 +11,7 @@ from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
+from retinanet_xla.data.splits import resolve_max_boxes
 from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.inference.detector import Detector
@@ -36,7 +37,9 @@ class Evaluator:
         self.show_progress = show_progress and replicas.is_master
         image_size = tuple(config.data.image_size)
         batch_size = replicas.share(config.eval.batch_size, "eval.batch_size")
-        dataset = DetectionDataset(coco.records, coco.mapping, image_size, config.data.max_boxes, augmentation=None)
+        # Ground truth is scored from the annotation file: the padded boxes only fill the batch.
+        max_boxes = resolve_max_boxes(coco, config.data.max_boxes)
+        dataset = DetectionDataset(coco.records, coco.mapping, image_size, max_boxes, None, config.data.max_pixels)
         sampler = EvalSampler(len(dataset), batch_size, replicas.world, replicas.rank)
         self.loader = build_loader(dataset, sampler, batch_size, config.data.num_workers)
         self.num_batches = len(self.loader)

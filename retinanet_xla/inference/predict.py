@@ -104,7 +104,7 @@ def _predict(loaded: LoadedModel, images: List[Location], output_dir: Path, scor
         decoded, canvases, scales = [], [], []
         for index, path in enumerate(chunk, start):
             try:
-                image = read_rgb(path)
+                image = read_rgb(path, max_pixels=config.data.max_pixels)
             except UnreadableImage as error:
                 results.append((index, {"file": str(path), "error": str(error), "detections": []}))
                 unreadable.append(str(error))

@@ -17,7 +17,7 @@ from retinanet_xla import storage
 from retinanet_xla.config import Config, save_config
 from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
-from retinanet_xla.data.splits import dataset_split, truncation_warning
+from retinanet_xla.data.splits import check_box_budget, dataset_split, resolve_max_boxes
 from retinanet_xla.distributed.launch import replica_runtime
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.distributed.replicas import Replicas
@@ -72,7 +72,12 @@ def train_batches(config: Config, coco: CocoDataset, replicas: Replicas, start_b
     the same augmentation as an uninterrupted one."""
     batch_size = check_batch_sizes(config, replicas)
     dataset = DetectionDataset(
-        coco.records, coco.mapping, tuple(config.data.image_size), config.data.max_boxes, config.data.augmentation
+        coco.records,
+        coco.mapping,
+        tuple(config.data.image_size),
+        resolve_max_boxes(coco, config.data.max_boxes),
+        config.data.augmentation,
+        config.data.max_pixels,
     )
     sampler = TrainSampler(len(dataset), batch_size, replicas.world, replicas.rank, config.train.seed, start_batch=start_batch)
     return BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
@@ -104,12 +109,12 @@ class Trainer:
         check_batch_sizes(config, replicas)  # before anything is built
         local = self.run_files.local
         local.mkdir(parents=True, exist_ok=True)
+        self.coco = dataset_split(config, "train", local)
+        _, truncated = check_box_budget(self.coco, config.data.max_boxes)  # before anything is written
         if replicas.is_master:
             save_config(config, local / "config.yaml")
-        self.coco = dataset_split(config, "train", local)
-        truncated = truncation_warning(self.coco, config.data.max_boxes)
-        if truncated and replicas.is_master:
-            logger.warning(truncated)
+            if truncated:
+                logger.warning(truncated)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
         self.runtime = replica_runtime(config, replicas)
