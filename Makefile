@@ -38,9 +38,9 @@ demo: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla export runs/demo --format onnx --check
 	@echo
 	@echo "Done. Next, try:"
-	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla predict runs/demo runs/demo/synthetic/val --output runs/demo/predict"
-	@echo "  $(BIN)/tensorboard --logdir runs/demo/tensorboard        # losses, learning rate, AP over steps"
-	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/640-3x.yaml --steps 3 --set 'data.image_size=[256,256]' --set train.batch_size=2 --set model.backbone.weights=null"
+	@echo "  open runs/demo/report/index.html                        # the run's curves and predictions, one page (retinanet-xla report)"
+	@echo "  $(BIN)/tensorboard --logdir runs/demo/tensorboard        # losses, learning rate, AP over steps, live"
+	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla predict runs/demo YOUR_IMAGE.jpg --output runs/demo/predict   # your own picture"
 
 # Benchmarks; record the results in docs/performance.md with the machine and date.
 bench: $(STAMP)

@@ -173,6 +173,21 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="A run directory written by train (local or gs://)."),
+    score_threshold: float = typer.Option(
+        0.3, "--score-threshold", min=0.0, max=1.0, help="Draw detections at or above this score."
+    ),
+) -> None:
+    """Pictures of a run in RUN/report/: loss, learning rate, images/s and AP curves, validation images with ground truth beside detections, and one self-contained HTML page showing them (train writes it at the end).
+
+    Example: retinanet-xla report runs/demo"""
+    from retinanet_xla.inference.report import write_report
+
+    typer.echo(f"wrote {write_report(run, score_threshold)}")
+
+
 @app.command("export")
 def export_command(
     checkpoint: str = typer.Argument(..., help="A checkpoint .pt, or a run directory (its newest valid checkpoint)."),

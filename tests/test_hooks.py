@@ -88,3 +88,14 @@ def test_throughput_is_images_per_second_between_log_steps():
     assert throughput.rate(1) is None
     now[0] = 2.0
     assert throughput.rate(5) == pytest.approx(4 * 8 / 2.0)
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoint_time():
+    now = [0.0]
+    throughput = Throughput(batch_size=8, clock=lambda: now[0])
+    throughput.rate(4)
+    now[0] = 10.0  # 4 steps of 1 s, then a 6 s evaluation
+    throughput.exclude(6.0)
+    assert throughput.rate(8) == pytest.approx(4 * 8 / 4.0)
+    now[0] = 12.0  # the exclusion was used up by the window it fell in
+    assert throughput.rate(10) == pytest.approx(2 * 8 / 2.0)

@@ -7,11 +7,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from retinanet_xla.config import load_config
 from retinanet_xla.rundir.checkpoint import load_checkpoint
+from tests.browser import screenshot
 from tests.cli_helpers import SCRIPT, run_cli, train_command
 
 pytestmark = pytest.mark.xla
@@ -338,3 +341,25 @@ def test_fine_tuning_from_a_run_on_other_classes_then_resuming_ignores_init_from
     again = run_cli(capsys, monkeypatch, *train_command(run, *settings, "train.steps=3")[1:])
     assert again.exit_code == 0, again.stderr[-3000:]
     assert f"model.init_from {output} ignored: resuming from {run / 'checkpoints' / 'step_00000002.pt'}" in again.stderr
+
+
+def test_the_run_ends_with_a_report_a_browser_shows(trained, tmp_path):
+    output, result = trained
+    page = output / "report" / "index.html"
+    assert json.loads(result.stdout)["report"] == str(page) and page.is_file()  # train's printed summary
+    for name in ("loss.png", "lr.png", "images_per_second.png", "ap.png", "predictions.png"):
+        picture = np.asarray(Image.open(output / "report" / name).convert("L"), dtype=np.float32)
+        assert picture.std() > 10, f"{name} is blank"  # lines, text, images: not one colour
+    grid = Image.open(output / "report" / "predictions.png")
+    assert grid.width == 2 * 256 + 3 * 8 and grid.height > 7 * 64  # ground truth | detections, one row per val image
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 5 and 'src="http' not in text  # self-contained
+    assert f"detections of {output / 'checkpoints' / 'step_00000012.pt'}" in text
+
+    shot = screenshot(page, tmp_path / "report.png")
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape == (1600, 1280, 3)
+    not_white = (pixels.min(axis=2) < 200).mean()
+    assert 0.01 < not_white < 0.9 and pixels.std() > 10, (not_white, pixels.std())  # a page with pictures on it (blank: 0)
+    if os.environ.get("RETINANET_XLA_REPORT_SCREENSHOT"):  # how docs/images/report.png is made
+        shutil.copy(shot, os.environ["RETINANET_XLA_REPORT_SCREENSHOT"])

@@ -10,7 +10,8 @@ from retinanet_xla.data.splits import split_files
 from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.distributed.replicas import Replicas
-from retinanet_xla.errors import ConfigError
+from retinanet_xla.errors import ConfigError, UserError
+from retinanet_xla.inference.report import write_report
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
 from retinanet_xla.storage import Location, StagedDirectory
@@ -54,9 +55,22 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
             split_files(config, "val", run.local)
         # The launcher's handlers turn SIGTERM/SIGINT into the STOP file every replica watches.
         with PreemptionGuard(stop_file(run.local)):
-            return run_on_local_replicas(
+            summary = run_on_local_replicas(
                 _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
             )
+    summary["report"] = _report(output_dir)
+    return summary
+
+
+def _report(output_dir: Location) -> Optional[str]:
+    """``retinanet-xla report`` of the finished run; a report that cannot be drawn is a warning,
+    not a failed run (the checkpoints and logs are what matter)."""
+    try:
+        page = write_report(output_dir)
+    except (UserError, OSError, RuntimeError, ValueError) as error:
+        logger.warning("could not write the report: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+    return str(page)
 
 
 # What a run writes into its output directory (the synthetic dataset stays: it is data).

@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -67,18 +67,84 @@ def _colour(label: int):
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def draw(image: Image.Image, detections: List[Dict]) -> Image.Image:
+def draw(image: Image.Image, detections: List[Dict], scores: bool = True) -> Image.Image:
+    """Boxes with a tag each (category, and the score unless ``scores`` is off: ground truth).
+    A tag sits above its box, inside the picture; where it would cover an earlier tag it moves
+    inside the box's top, then below its bottom, whichever is free first."""
     canvas = image.copy()
     pen = ImageDraw.Draw(canvas)
+    placed: List[Tuple[float, float, float, float]] = []
     for detection in detections:
         x, y, w, h = detection["bbox"]
         colour = _colour(detection["label"])
         pen.rectangle([x, y, x + w, y + h], outline=colour, width=2)
-        text = f"{detection['category_name']} {detection['score']:.2f}"
-        left, top, right, bottom = pen.textbbox((x, y), text)
-        pen.rectangle([left, top - (bottom - top) - 2, right + 2, top], fill=colour)
-        pen.text((x + 1, top - (bottom - top) - 2), text, fill=(0, 0, 0))
+        text = f"{detection['category_name']} {detection['score']:.2f}" if scores else str(detection["category_name"])
+        left, top, right, bottom = pen.textbbox((0, 0), text)
+        tag_w, tag_h = right - left + 3, bottom - top + 3
+        tag = _place_tag((x, y, x + w, y + h), tag_w, tag_h, canvas.size, placed)
+        placed.append(tag)
+        pen.rectangle(tag, fill=colour)
+        pen.text((tag[0] + 1 - left, tag[1] + 1 - top), text, fill=(0, 0, 0))
     return canvas
+
+
+def _place_tag(box, tag_w: float, tag_h: float, size: Tuple[int, int], placed) -> Tuple[float, float, float, float]:
+    x1, y1, _, y2 = box
+    width, height = size
+    left = min(max(x1, 0), max(width - tag_w, 0))  # inside the picture, horizontally
+
+    def at(top: float) -> Tuple[float, float, float, float]:
+        top = min(max(top, 0), max(height - tag_h, 0))
+        return left, top, left + tag_w, top + tag_h
+
+    candidates = [at(y1 - tag_h), at(y1), at(y2)]  # above, inside the top, below
+    for tag in candidates:
+        if not any(_overlap(tag, other) for other in placed):
+            return tag
+    return candidates[0]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@torch.no_grad()
+def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: float) -> List[List[Dict]]:
+    """Detections (COCO ``bbox`` in each image's pixels, score, label, category) of every image,
+    in batches padded to ``eval.batch_size`` so that one graph serves them all."""
+    config, runtime = loaded.config, loaded.runtime
+    postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
+    size, batch_size = tuple(config.data.image_size), config.eval.batch_size
+    detector = Detector(loaded.model, config, runtime)
+    found_all: List[List[Dict]] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
+        content = torch.zeros(batch_size, 2)
+        scales = []
+        for slot, image in enumerate(chunk):
+            pixels[slot], _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
+            content[slot] = torch.tensor([round(image.height * scale), round(image.width * scale)])
+            scales.append(scale)
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
+        for image, scale, found in zip(chunk, scales, detector(batch, content.to(runtime.device), postprocess)):
+            boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
+            ids = loaded.mapping.to_category_ids(found.labels.numpy())
+            found_all.append(
+                [
+                    {
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 4),
+                        "label": int(label),
+                        "category_id": int(category_id),
+                        "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
+                    }
+                    for (x1, y1, x2, y2), score, label, category_id in zip(
+                        boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
+                    )
+                ]
+            )
+    return found_all
 
 
 @torch.no_grad()
@@ -92,51 +158,19 @@ def predict(loaded: LoadedModel, paths: Sequence[str], output: str, score_thresh
 
 
 def _predict(loaded: LoadedModel, images: List[Location], output_dir: Path, score_threshold: float) -> PredictSummary:
-    config, runtime = loaded.config, loaded.runtime
-    postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
-    size = tuple(config.data.image_size)
-    batch_size = config.eval.batch_size
-    detector = Detector(loaded.model, config, runtime)
     pictures = picture_names(images)  # by position: the same file may be given twice
     results, unreadable = [], []
+    batch_size = loaded.config.eval.batch_size
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        decoded, canvases, scales = [], [], []
-        for index, path in enumerate(chunk, start):
+        decoded = []
+        for index, path in enumerate(images[start : start + batch_size], start):
             try:
-                image = read_rgb(path, max_pixels=config.data.max_pixels)
+                decoded.append((index, path, read_rgb(path, max_pixels=loaded.config.data.max_pixels)))
             except UnreadableImage as error:
                 results.append((index, {"file": str(path), "error": str(error), "detections": []}))
                 unreadable.append(str(error))
-                continue
-            canvas, _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
-            decoded.append((index, path, image))
-            canvases.append(canvas)
-            scales.append(scale)
-        if not decoded:
-            continue
-        pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
-        pixels[: len(canvases)] = np.stack(canvases)
-        content = torch.zeros(batch_size, 2)
-        for slot, ((_, _, image), scale) in enumerate(zip(decoded, scales)):
-            content[slot] = torch.tensor([round(image.height * scale), round(image.width * scale)])
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
-        found_per_image = detector(batch, content.to(runtime.device), postprocess)
-        for (index, path, image), scale, found in zip(decoded, scales, found_per_image):
-            boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
-            ids = loaded.mapping.to_category_ids(found.labels.numpy())
-            detections = [
-                {
-                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "score": round(float(score), 4),
-                    "label": int(label),
-                    "category_id": int(category_id),
-                    "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
-                }
-                for (x1, y1, x2, y2), score, label, category_id in zip(
-                    boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
-                )
-            ]
+        found = detect(loaded, [image for _, _, image in decoded], score_threshold) if decoded else []
+        for (index, path, image), detections in zip(decoded, found):
             draw(image, detections).save(output_dir / pictures[index])
             entry = {"file": str(path), "picture": pictures[index], "width": image.width, "height": image.height}
             results.append((index, {**entry, "detections": detections}))

@@ -124,11 +124,16 @@ class DivergenceCheck:
 
 
 class Throughput:
-    """Images per second between consecutive log steps."""
+    """Training images per second between consecutive log steps: the time spent evaluating and
+    writing checkpoints in between (``exclude``) is not training time."""
 
     def __init__(self, batch_size: int, clock: Callable[[], float]):
         self.batch_size, self.clock = batch_size, clock
         self.window: Optional[tuple] = None
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
 
     def rate(self, step: int) -> Optional[float]:
         """Since the previous call (None at the first)."""
@@ -136,6 +141,6 @@ class Throughput:
         rate = None
         if self.window is not None:
             window_step, window_time = self.window
-            rate = (step - window_step) * self.batch_size / max(now - window_time, 1e-9)
-        self.window = (step, now)
+            rate = (step - window_step) * self.batch_size / max(now - window_time - self.excluded, 1e-9)
+        self.window, self.excluded = (step, now), 0.0
         return rate

@@ -292,6 +292,7 @@ class Trainer:
                             f"(last good checkpoint: {self.last_checkpoint or 'none'})"
                         )
                     log.advance(step)
+                    paused = Stopwatch()  # checkpoints and evaluation are not training time
                     if plan.checkpoint or stop:
                         self._save(step)
                     if plan.evaluate:
@@ -299,6 +300,8 @@ class Trainer:
                             compiles.also_warmup(lambda s=step: self._evaluate(s, log))
                         else:
                             self._evaluate(step, log)
+                    if plan.checkpoint or stop or plan.evaluate:
+                        throughput.exclude(paused.seconds())
                     if stop and not plan.last:
                         raise TrainingInterrupted(
                             f"stopped {guard.reason or 'because another replica was asked to'} at step {step}; "
