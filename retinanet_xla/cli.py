@@ -154,6 +154,11 @@ def predict(
         0.3, "--score-threshold", min=0.0, max=1.0, help="Draw and keep detections at or above this score."
     ),
     overrides: List[str] = typer.Option([], "--set", help=PREDICT_SET),
+    ground_truth: Optional[str] = typer.Option(
+        None,
+        "--ground-truth",
+        help="A COCO file with these images' boxes: drawn on the left of each picture, detections on the right (matched by file name).",
+    ),
 ) -> None:
     """Draw detections on images (PNG) and write them all to one JSON file.
 
@@ -162,7 +167,7 @@ def predict(
     from retinanet_xla.inference.predict import predict as run_predict
 
     loaded = load_for_inference(checkpoint, overrides)
-    done = run_predict(loaded, inputs, output, score_threshold)
+    done = run_predict(loaded, inputs, output, score_threshold, ground_truth)
     typer.echo(
         f"{done.images} image(s), {done.detections} detection(s) at score >= {score_threshold}, "
         f"{len(done.unreadable)} unreadable; wrote {done.json_path}"

@@ -363,3 +363,21 @@ def test_the_run_ends_with_a_report_a_browser_shows(trained, tmp_path):
     assert 0.01 < not_white < 0.9 and pixels.std() > 10, (not_white, pixels.std())  # a page with pictures on it (blank: 0)
     if os.environ.get("RETINANET_XLA_REPORT_SCREENSHOT"):  # how docs/images/report.png is made
         shutil.copy(shot, os.environ["RETINANET_XLA_REPORT_SCREENSHOT"])
+
+
+def test_predict_draws_ground_truth_beside_the_detections(trained, tmp_path, capsys, monkeypatch):
+    output, _ = trained
+    val = output / "synthetic" / "val"
+    annotations = output / "synthetic" / "annotations" / "instances_val.json"
+    result = run_cli(capsys, monkeypatch, "predict", output, val, "--output", tmp_path / "pred", "--ground-truth", annotations)
+    assert result.exit_code == 0, result.stderr
+    written = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    boxes_per_file = {}
+    coco = json.loads(annotations.read_text())
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        boxes_per_file[names[annotation["image_id"]]] = boxes_per_file.get(names[annotation["image_id"]], 0) + 1
+    for entry in written["images"]:
+        assert entry["ground_truth_boxes"] == boxes_per_file.get(Path(entry["file"]).name, 0)
+        picture = Image.open(tmp_path / "pred" / entry["picture"])
+        assert picture.size == (2 * entry["width"] + 8, entry["height"])  # ground truth | detections

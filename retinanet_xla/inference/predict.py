@@ -5,13 +5,14 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from retinanet_xla import storage
+from retinanet_xla.data.coco import load_coco
 from retinanet_xla.data.image_io import UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import letterbox
 from retinanet_xla.errors import ConfigError
@@ -148,16 +149,54 @@ def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: 
 
 
 @torch.no_grad()
-def predict(loaded: LoadedModel, paths: Sequence[str], output: str, score_threshold: float) -> PredictSummary:
+def predict(
+    loaded: LoadedModel, paths: Sequence[str], output: str, score_threshold: float, ground_truth: Optional[str] = None
+) -> PredictSummary:
     """Run the model on every image (batches padded to ``eval.batch_size``, so one graph), write
     ``OUTPUT/<name>.png`` per image (``picture_names``) and ``OUTPUT/detections.json``."""
     output_dir, images = storage.location(output), collect_images(paths)  # nothing is written without images
+    truth = ground_truth_by_name(loaded, ground_truth) if ground_truth else None
     with storage.written_through(output_dir) as local:
-        done = _predict(loaded, images, local, score_threshold)
+        done = _predict(loaded, images, local, score_threshold, truth)
     return dataclasses.replace(done, json_path=storage.join(output_dir, storage.name(done.json_path)))
 
 
-def _predict(loaded: LoadedModel, images: List[Location], output_dir: Path, score_threshold: float) -> PredictSummary:
+def ground_truth_by_name(loaded: LoadedModel, annotations: str) -> Dict[str, List[Dict]]:
+    """The boxes of a COCO file by image file name (its last part), checked as training checks
+    them, in the drawing format; categories named as the model names them."""
+    coco = load_coco(annotations, storage.parent(storage.location(annotations)), check_files=False)
+    by_name: Dict[str, List[Dict]] = {}
+    for record in coco.records:
+        labels = (
+            loaded.mapping.to_labels(record.category_ids)
+            if set(record.category_ids.tolist()) <= set(loaded.mapping.category_ids)
+            else record.category_ids
+        )
+        by_name.setdefault(
+            storage.name(record.path),
+            [
+                {"bbox": [x1, y1, x2 - x1, y2 - y1], "label": int(label), "category_name": coco.mapping.names.get(int(c), str(c))}
+                for (x1, y1, x2, y2), label, c in zip(record.boxes.tolist(), labels.tolist(), record.category_ids.tolist())
+            ],
+        )
+    return by_name
+
+
+def beside(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    """Two pictures side by side on white."""
+    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+def _predict(
+    loaded: LoadedModel,
+    images: List[Location],
+    output_dir: Path,
+    score_threshold: float,
+    truth: Optional[Dict[str, List[Dict]]] = None,
+) -> PredictSummary:
     pictures = picture_names(images)  # by position: the same file may be given twice
     results, unreadable = [], []
     batch_size = loaded.config.eval.batch_size
@@ -171,8 +210,13 @@ def _predict(loaded: LoadedModel, images: List[Location], output_dir: Path, scor
                 unreadable.append(str(error))
         found = detect(loaded, [image for _, _, image in decoded], score_threshold) if decoded else []
         for (index, path, image), detections in zip(decoded, found):
-            draw(image, detections).save(output_dir / pictures[index])
+            picture = draw(image, detections)
             entry = {"file": str(path), "picture": pictures[index], "width": image.width, "height": image.height}
+            if truth is not None:  # ground truth on the left, detections on the right
+                boxes = truth.get(storage.name(path))
+                entry["ground_truth_boxes"] = None if boxes is None else len(boxes)
+                picture = beside(draw(image, boxes or [], scores=False), picture)
+            picture.save(output_dir / pictures[index])
             results.append((index, {**entry, "detections": detections}))
     results = [entry for _, entry in sorted(results, key=lambda item: item[0])]  # the order of the inputs
     json_path = output_dir / "detections.json"
