@@ -103,7 +103,8 @@ def bench(
     result = benchmark(settings, steps, input_pipeline)
     typer.echo(
         f"{result['device']} x {result['replicas']} replica(s): first step (compile) {result['first_step_seconds']:.1f} s, "
-        f"step {result['step_seconds'] * 1000:.1f} ms, {result['images_per_second']:.1f} images/s "
+        f"step {result['step_seconds'] * 1000:.1f} ms (host trace {result['trace_seconds'] * 1000:.1f} "
+        f"+- {result['trace_seconds_spread'] * 1000:.1f} ms), {result['images_per_second']:.1f} images/s "
         f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
         f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up), "
         f"waiting for input {result['device_wait_fraction']:.1%} of the time ({result['input']})"

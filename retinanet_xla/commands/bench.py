@@ -4,6 +4,7 @@ The first thing to run on a new TPU VM: it shows the compile time, the steady st
 images/s, and whether anything recompiles, before any data is in place.
 """
 
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -88,9 +89,14 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     runtime.wait()
     first_step = clock.seconds()
     compiled_at_warmup, input_wait = runtime.compilations(), InputWait(runtime, batches)
-    warm = Stopwatch()
+    warm, traces = Stopwatch(), []
     for _ in range(steps - 1):
-        outputs = step_fn(next(batches))
+        batch = next(batches)
+        # The host's time in the step call: on XLA, tracing the graph (the device runs the
+        # previous step meanwhile); on an eager device, the step itself.
+        traced = Stopwatch()
+        outputs = step_fn(batch)
+        traces.append(traced.seconds())
         runtime.sync(collective=True)
     runtime.wait()
     warm_seconds = warm.seconds()
@@ -108,6 +114,8 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
                 waits["input_wait_fraction"],
                 -1.0 if idle is None else idle,
                 waits["device_wait_fraction"],
+                statistics.mean(traces),
+                statistics.pstdev(traces),
             ]
         ]
     )
@@ -130,6 +138,10 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         "step_seconds": round(step_seconds, 4),
         "replica_step_seconds": [round(float(t), 4) for t in times[:, 1]],
         "images_per_second": round(config.train.batch_size / step_seconds, 2),
+        # The host's time per step call (the slowest replica); on XLA the step rate cannot
+        # exceed 1 / this, whatever the device (docs/performance.md).
+        "trace_seconds": round(float(times[:, 5].max()), 4),
+        "trace_seconds_spread": round(float(times[times[:, 5].argmax(), 6]), 4),
         # runtime.InputWait; the worst replica.
         "device_wait_fraction": round(float(times[:, 4].max()), 4),
         "input_wait_fraction": round(float(times[:, 2].max()), 4),

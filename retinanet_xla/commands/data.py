@@ -1,14 +1,19 @@
-"""``retinanet-xla data ...``: write the synthetic dataset, check a dataset, time the pipeline."""
+"""``retinanet-xla data ...``: write the synthetic dataset, check or convert a dataset, time the pipeline."""
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from retinanet_xla.data.check import check_dataset
+from retinanet_xla.data.convert import convert
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.data.throughput import measure_pipeline
 
-data_app = typer.Typer(help="Datasets: write the synthetic one, check one, time the input pipeline.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: write the synthetic one, check one, convert YOLO or VOC to COCO, time the input pipeline.",
+    no_args_is_help=True,
+)
 
 
 @data_app.command("synth")
@@ -35,6 +40,23 @@ def check(
     for line in report.lines():
         typer.echo(line)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("convert")
+def convert_command(
+    source: str = typer.Argument(
+        ...,
+        help="The dataset directory: YOLO (images/, labels/, classes.txt or data.yaml) or Pascal VOC (Annotations/, JPEGImages/).",
+    ),
+    source_format: str = typer.Option(..., "--from", help="yolo | voc"),
+    output: Path = typer.Option(..., "--output", help="The COCO instances JSON to write."),
+) -> None:
+    """Write a YOLO or Pascal VOC dataset as one COCO instances file; label lines or objects that cannot be placed are counted and named, never trained on.
+
+    Example: retinanet-xla data convert my-yolo-export --from yolo --output my-yolo-export/instances.json"""
+    conversion = convert(source_format, Path(source), output)
+    for line in conversion.lines(output):
+        typer.echo(line)
 
 
 @data_app.command("bench")
