@@ -1,4 +1,5 @@
-"""Images/s of one data worker reading from local files vs from a Cloud Storage server.
+"""Images/s of one data worker reading loose files or record shards, locally or from a Cloud
+Storage server.
 
 Writes the synthetic dataset at COCO-like sizes (480-640 px JPEG/PNG), uploads it to
 fake-gcs-server on 127.0.0.1 (the test suite's server, ``tests/gcs_server.py``), and times
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retinanet_xla import storage  # noqa: E402
+from retinanet_xla.data.records import write_records  # noqa: E402
 from retinanet_xla.data.synthetic import write_synthetic_dataset  # noqa: E402
 from retinanet_xla.data.throughput import measure_pipeline  # noqa: E402
 from tests.gcs_server import GcsServer  # noqa: E402
@@ -83,15 +85,22 @@ def main() -> None:
             bucket = server.make_bucket("bench")
             server.upload_tree(local, f"{bucket}/data")
             remote = (f"{bucket}/data/annotations/instances_train.json", f"{bucket}/data/train")
-            sources = {"local": (str(paths["annotations"]), str(paths["images"])), "gcs": remote}
+            write_records(paths["annotations"], paths["images"], local / "records" / "train", shards=4)
+            write_records(paths["annotations"], paths["images"], f"{bucket}/records/train", shards=4)
+            sources = {
+                "local": (str(paths["annotations"]), str(paths["images"]), None),
+                "gcs": (*remote, None),
+                "records_local": (None, None, str(local / "records" / "train")),
+                "records_gcs": (None, None, f"{bucket}/records/train"),
+            }
             if args.latency_ms:  # gcsfs reads the variable when it makes a client
                 os.environ["STORAGE_EMULATOR_HOST"] = DelayingProxy(
                     os.environ["STORAGE_EMULATOR_HOST"], args.latency_ms / 1000
                 ).url
             rates = {name: [] for name in sources}
             for _ in range(args.pairs):
-                for name, (annotations, images) in sources.items():
-                    result = measure_pipeline((640, 640), args.images, annotations, images)
+                for name, (annotations, images, records) in sources.items():
+                    result = measure_pipeline((640, 640), args.images, annotations, images, records=records)
                     rates[name].append(result.images_per_second)
     finally:
         server.stop()

@@ -22,7 +22,9 @@ import os
 import posixpath
 import shutil
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
@@ -30,6 +32,20 @@ from retinanet_xla.errors import UserError
 
 Location = Union[Path, str]  # a local path, or a URL such as gs://bucket/key
 EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """``length`` bytes of ``path`` from ``start`` (a record in a shard, data/records.py), with
+    the CRC-32 they must have: reading checks both."""
+
+    path: Location
+    start: int
+    length: int
+    crc32: Optional[int] = None
+
+    def __str__(self) -> str:
+        return f"{self.path}[{self.start}:{self.start + self.length}]"
 
 
 class StorageError(UserError):
@@ -177,8 +193,29 @@ def files_below(directory: Location) -> Set[str]:
     return {item.split("://", 1)[-1][len(prefix) :] for item in found}
 
 
-def read_bytes(path: Location) -> bytes:
+def read_bytes(path: Union[Location, ByteRange]) -> bytes:
+    if isinstance(path, ByteRange):
+        return _read_range(path)
     return _remote(path, lambda fs: fs.cat_file(path)) if is_url(path) else Path(path).read_bytes()
+
+
+def _read_range(item: ByteRange) -> bytes:
+    end = item.start + item.length
+    if is_url(item.path):
+        data = _remote(item.path, lambda fs: fs.cat_file(item.path, start=item.start, end=end))
+    else:
+        with open(item.path, "rb") as handle:
+            handle.seek(item.start)
+            data = handle.read(item.length)
+    if len(data) != item.length:
+        raise ValueError(f"{item}: cut short ({len(data)} of {item.length} bytes): the shard is truncated")
+    if item.crc32 is not None and zlib.crc32(data) != item.crc32:
+        raise ValueError(f"{item}: checksum mismatch: the shard was damaged after it was written")
+    return data
+
+
+def size(path: Location) -> int:
+    return _remote(path, lambda fs: fs.size(path)) if is_url(path) else Path(path).stat().st_size
 
 
 def read_text(path: Location) -> str:
@@ -193,10 +230,10 @@ def read_many(paths: List[Location]) -> List[Union[bytes, Exception]]:
     def read(path: Location) -> Union[bytes, Exception]:
         try:
             return read_bytes(path)
-        except (OSError, StorageError) as error:
+        except (OSError, ValueError) as error:  # ValueError: StorageError, a damaged ByteRange
             return error
 
-    if sum(is_url(p) for p in paths) < 2:
+    if sum(is_url(p.path if isinstance(p, ByteRange) else p) for p in paths) < 2:
         return [read(p) for p in paths]
     return list(_fetch_pool().map(read, paths))
 

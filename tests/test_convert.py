@@ -95,7 +95,7 @@ def test_voc_xml_becomes_coco_with_difficult_objects_as_crowd(tmp_path, capsys, 
         ("yolo", {"images/a.jpg": None}, "no classes.txt or data.yaml naming the YOLO classes"),
         ("yolo", {"data.yaml": "names: 3\n", "images/a.jpg": None}, "data.yaml: 'names' must be a list of class names"),
         ("voc", {"JPEGImages/a.jpg": None}, "Annotations: Pascal VOC directory does not exist"),
-        ("coco", {}, "--from coco: expected one of yolo, voc"),
+        ("labelme", {}, "--from labelme: expected one of coco, yolo, voc"),
     ],
 )
 def test_a_dataset_that_is_not_the_format_is_one_line(tmp_path, capsys, monkeypatch, source, layout, message):

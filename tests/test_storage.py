@@ -173,3 +173,34 @@ def test_config_extends_across_a_bucket(gcs, bucket):
     fs.pipe_file(f"{bucket}/cfg/child.yaml", b"extends: base.yaml\ntrain:\n  steps: 7\n")
     config = load_config(f"{bucket}/cfg/child.yaml")
     assert config.train.steps == 7 and config.data.image_size == [128, 128]
+
+
+def test_record_shards_in_a_bucket_give_the_local_files_batches(gcs, bucket, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from retinanet_xla.config import load_config
+    from retinanet_xla.data.splits import dataset_split
+    from retinanet_xla.distributed.replicas import Replicas
+    from retinanet_xla.training.trainer import train_batches
+
+    paths = write_synthetic_dataset(tmp_path, num_train=10, num_val=1, seed=6)["train"]
+    prefix = f"{bucket}/records/train"
+    result = run_cli(
+        capsys, monkeypatch, "data", "convert", paths["annotations"], "--from", "coco", "--images", paths["images"],
+        "--output", prefix, "--shards", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert sorted(gcs.filesystem().ls(f"{bucket}/records")) == [
+        f"{bucket[5:]}/records/train-00000-of-00002.rxr",
+        f"{bucket[5:]}/records/train-00001-of-00002.rxr",
+        f"{bucket[5:]}/records/train.json",
+    ]
+    common = ["data.image_size=[64,64]", "data.max_boxes=auto", "data.num_workers=0", "train.batch_size=2"]
+    files = load_config(
+        overrides=[*common, f"data.train.annotations={paths['annotations']}", f"data.train.images={paths['images']}"]
+    )
+    records = load_config(overrides=[*common, f"data.train.records={prefix}"])
+    streams = [iter(train_batches(c, dataset_split(c, "train", tmp_path), Replicas())) for c in (files, records)]
+    for _ in range(6):
+        a, b = next(streams[0]), next(streams[1])
+        assert all(torch.equal(a[key], b[key]) for key in a)

@@ -7,8 +7,10 @@ import typer
 
 from retinanet_xla.data.check import check_dataset
 from retinanet_xla.data.convert import convert
+from retinanet_xla.data.records import write_records
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.data.throughput import measure_pipeline
+from retinanet_xla.errors import ConfigError
 
 data_app = typer.Typer(
     help="Datasets: write the synthetic one, check one, convert YOLO or VOC to COCO, time the input pipeline.",
@@ -46,16 +48,33 @@ def check(
 def convert_command(
     source: str = typer.Argument(
         ...,
-        help="The dataset directory: YOLO (images/, labels/, classes.txt or data.yaml) or Pascal VOC (Annotations/, JPEGImages/).",
+        help="A COCO instances JSON (--from coco), or a dataset directory: YOLO (images/, labels/, classes.txt or data.yaml) or Pascal VOC (Annotations/, JPEGImages/).",
     ),
-    source_format: str = typer.Option(..., "--from", help="yolo | voc"),
-    output: Path = typer.Option(..., "--output", help="The COCO instances JSON to write."),
+    source_format: str = typer.Option(..., "--from", help="coco | yolo | voc"),
+    output: str = typer.Option(
+        ..., "--output", help="--from coco: the PREFIX of the record shards (local or gs://); otherwise the COCO JSON to write."
+    ),
+    images: Optional[str] = typer.Option(
+        None, "--images", help="--from coco: the directory the JSON's file names are relative to."
+    ),
+    shards: int = typer.Option(1, "--shards", min=1, help="--from coco: how many record shards to write."),
 ) -> None:
-    """Write a YOLO or Pascal VOC dataset as one COCO instances file; label lines or objects that cannot be placed are counted and named, never trained on.
+    """Write a COCO dataset as record shards (read with data.train.records: PREFIX), or a YOLO or Pascal VOC dataset as one COCO file; what cannot be used is counted and named, never trained on.
 
-    Example: retinanet-xla data convert my-yolo-export --from yolo --output my-yolo-export/instances.json"""
-    conversion = convert(source_format, Path(source), output)
-    for line in conversion.lines(output):
+    Example: retinanet-xla data convert coco/annotations/instances_train2017.json --from coco --images coco/train2017 --output gs://my-bucket/coco-records/train --shards 64"""
+    if source_format == "coco":
+        if images is None:
+            raise ConfigError("--from coco needs --images, the directory the JSON's file names are relative to")
+        coco = write_records(source, images, output, shards)
+        boxes = sum(len(record.boxes) for record in coco.records)
+        typer.echo(
+            f"wrote {output}.json and {shards} shard(s) {output}-*-of-{shards:05d}.rxr: {len(coco.records)} images, {boxes} boxes"
+        )
+        for reason, count in sorted(coco.problems.items()):
+            typer.echo(f"left out, {reason}: {count} (e.g. {'; '.join(coco.examples[reason])})")
+        return
+    conversion = convert(source_format, Path(source), Path(output))
+    for line in conversion.lines(Path(output)):
         typer.echo(line)
 
 
@@ -65,11 +84,14 @@ def bench(
     num_images: int = typer.Option(200, "--images", min=1, help="Samples to time."),
     annotations: Optional[str] = typer.Option(None, "--annotations", help="A COCO file to read instead of synthetic images."),
     images: Optional[str] = typer.Option(None, "--images-dir", help="Images directory for --annotations."),
+    records: Optional[str] = typer.Option(
+        None, "--records", help="Record shards' PREFIX to read instead (data convert --from coco)."
+    ),
 ) -> None:
-    """Training-pipeline throughput of one worker, every augmentation on."""
+    """Training-pipeline throughput of one worker, every augmentation on; local files, a bucket (gs://) or record shards."""
     if (annotations is None) != (images is None):
         raise typer.BadParameter("--annotations and --images-dir go together")
-    result = measure_pipeline((image_size, image_size), num_images, annotations, images)
+    result = measure_pipeline((image_size, image_size), num_images, annotations, images, records=records)
     typer.echo(
         f"data pipeline: {result.images_per_second:.1f} images/s per worker at {image_size}x{image_size} "
         f"({result.images} images in {result.seconds:.2f} s; {result.source})"

@@ -42,6 +42,15 @@ def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
 class SplitConfig:
     annotations: Optional[str] = None  # COCO instances JSON; unset = the built-in synthetic dataset
     images: Optional[str] = None  # directory the JSON's file names are relative to
+    records: Optional[str] = None  # instead of both: PREFIX of record shards (data convert --from coco)
+
+    def __post_init__(self):
+        _require(
+            self.records is None or (self.annotations is None and self.images is None),
+            "records",
+            self.records,
+            "unset when annotations and images are set (one source per split)",
+        )
 
 
 @dataclass

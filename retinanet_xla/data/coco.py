@@ -11,7 +11,7 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ LABEL_MAPPINGS = ("contiguous", "raw")
 @dataclass
 class ImageRecord:
     image_id: int
-    path: Location
+    path: Union[Location, storage.ByteRange]  # a file, or a record in a shard (data/records.py)
     width: int  # from the JSON; the decoded size wins when they differ
     height: int
     boxes: np.ndarray  # [N, 4] float32, x1 y1 x2 y2 in original pixels, clipped to the image
@@ -131,18 +131,20 @@ def load_coco(
     label_mapping: str = "contiguous",
     min_box_size: float = 1.0,
     check_files: bool = True,
+    data: Optional[dict] = None,
 ) -> CocoDataset:
     """Read and validate a COCO instances file. Structural problems raise ``DatasetError``;
     problems with single images or boxes are counted in ``dataset.problems`` and those entries
     dropped (boxes are clipped to the image first; a box narrower or shorter than
-    ``min_box_size`` pixels after clipping is degenerate)."""
+    ``min_box_size`` pixels after clipping is degenerate). ``data``: the file's content, when
+    the caller has read it already."""
     annotations_file, images_dir = storage.location(annotations_file), storage.location(images_dir)
-    if not storage.is_file(annotations_file):
+    if data is None and not storage.is_file(annotations_file):
         raise DatasetError(f"{annotations_file}: annotation file does not exist")
-    if not storage.is_dir(images_dir):
+    if check_files and not storage.is_dir(images_dir):
         raise DatasetError(f"{images_dir}: images directory does not exist")
     try:
-        data = json.loads(storage.read_text(annotations_file))
+        data = json.loads(storage.read_text(annotations_file)) if data is None else data
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"{annotations_file}: not valid JSON ({error})") from None
     _require(isinstance(data, dict), annotations_file, "the top level must be an object")

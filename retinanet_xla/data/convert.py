@@ -27,7 +27,7 @@ from PIL import Image
 from retinanet_xla.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SOURCES = ("yolo", "voc")
+SOURCES = ("yolo", "voc")  # and coco, to record shards: data/records.py
 TOLERANCE = 1e-3  # normalised coordinates this far outside [0, 1] are rounding, and clipped
 
 
@@ -56,7 +56,7 @@ class Conversion:
 
 def convert(source: str, root: Path, output: Path) -> Conversion:
     if source not in SOURCES:
-        raise DatasetError(f"--from {source}: expected one of {', '.join(SOURCES)}")
+        raise DatasetError(f"--from {source}: expected one of coco, {', '.join(SOURCES)}")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory does not exist")

@@ -9,7 +9,7 @@ decoded: Pillow itself only warns up to twice its own limit, and decodes a 144 M
 
 import io
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,7 +31,9 @@ class UnreadableImage(Exception):
     """The file is missing or cannot be decoded; the loader substitutes another image."""
 
 
-def read_rgb(path: Location, data: Optional[bytes] = None, max_pixels: Optional[int] = None) -> Image.Image:
+def read_rgb(
+    path: Union[Location, storage.ByteRange], data: Optional[bytes] = None, max_pixels: Optional[int] = None
+) -> Image.Image:
     """Decode ``path`` (or its ``data``, already fetched) as RGB, with EXIF orientation applied
     (phone photos are stored sideways). Grayscale, palette, RGBA (alpha dropped), CMYK and
     16-bit images all become RGB."""
@@ -45,7 +47,9 @@ class OrientedImage:
     stored_size: Tuple[int, int]  # (width, height) of the pixels in the file
 
 
-def read_oriented(path: Location, data: Optional[bytes] = None, max_pixels: Optional[int] = None) -> OrientedImage:
+def read_oriented(
+    path: Union[Location, storage.ByteRange], data: Optional[bytes] = None, max_pixels: Optional[int] = None
+) -> OrientedImage:
     """``read_rgb``, and what the EXIF orientation did (boxes in the stored frame follow it)."""
     try:
         if data is None:

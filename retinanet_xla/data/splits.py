@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data.coco import CocoDataset, load_coco
+from retinanet_xla.data.records import load_records
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.errors import ConfigError, DatasetError
 from retinanet_xla.storage import Location
@@ -17,6 +18,8 @@ def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Location,
     (``output_dir`` is local: a run in a bucket passes its local staging directory).
     Commands call it before their replicas start, so that they find the files written once."""
     paths = getattr(config.data, split)
+    if paths.records is not None:  # nothing to write: dataset_split reads the records
+        return storage.location(f"{paths.records}.json"), storage.parent(storage.location(paths.records))
     if paths.annotations is None:
         root = Path(output_dir) / "synthetic"
         annotations = root / "annotations" / f"instances_{split}.json"
@@ -30,9 +33,15 @@ def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Location,
 
 
 def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
-    """The configured split (``split_files``), loaded and checked against the model."""
-    annotations, images = split_files(config, split, output_dir)
-    coco = load_coco(annotations, images, config.data.label_mapping, config.data.augmentation.min_box_size)
+    """The configured split (``split_files``, or ``data.<split>.records``), loaded and checked
+    against the model."""
+    records = getattr(config.data, split).records
+    if records is not None:
+        coco = load_records(records, config.data.label_mapping, config.data.augmentation.min_box_size)
+        annotations = coco.annotations_file
+    else:
+        annotations, images = split_files(config, split, output_dir)
+        coco = load_coco(annotations, images, config.data.label_mapping, config.data.augmentation.min_box_size)
     if not coco.records:
         raise DatasetError(f"{annotations}: no usable images (run 'retinanet-xla data check' for details)")
     if not any(len(record.boxes) for record in coco.records):

@@ -1,0 +1,129 @@
+"""A dataset as a few large record shards: ``PREFIX.json`` and ``PREFIX-00000-of-0000N.rxr``.
+
+118k small JPEGs opened one by one from a bucket or NFS are what TPU users learn to avoid; a
+few large objects copy, check and version as one dataset. The format is ours and small:
+
+- each shard is ``MAGIC`` followed by the images' encoded bytes exactly as stored (never
+  re-encoded), back to back;
+- ``PREFIX.json`` is a COCO instances file (so pycocotools evaluates against it as it is) whose
+  images each carry ``record: {shard, offset, length, crc32}``, plus a ``records`` section
+  (format, version, source, counts, shard names and sizes). Its annotations are the source's,
+  unchanged, for the images kept: loading applies the same validation, so the records give
+  the same boxes, bit for bit, as the COCO files they came from.
+
+Random access by byte range, rather than a sequential stream (TFRecord), is what keeps the
+exact, resumable sampling (``TrainSampler``): any sample is one ranged read, locally or from a
+bucket (``storage.ByteRange``), and a replica reads only its own samples. (array_record also
+gives random access, but its reader opens local files only, and it brings absl and etils.)
+"""
+
+import json
+import zlib
+from typing import Dict, List
+
+from retinanet_xla import storage
+from retinanet_xla.data.coco import CocoDataset, load_coco
+from retinanet_xla.errors import DatasetError
+from retinanet_xla.storage import ByteRange, Location
+
+MAGIC = b"RXREC1\n"
+FORMAT = "retinanet-xla-records"
+VERSION = 1
+
+
+def shard_name(prefix: Location, index: int, count: int) -> Location:
+    return storage.location(f"{prefix}-{index:05d}-of-{count:05d}.rxr")
+
+
+def write_records(annotations: Location, images: Location, prefix: Location, shards: int = 1) -> CocoDataset:
+    """Validate ``annotations`` as ``data check`` does (problems are counted on the returned
+    dataset and those entries left out), then write the shards and ``PREFIX.json``."""
+    if shards < 1:
+        raise DatasetError(f"--shards {shards}: expected at least 1")
+    source = (
+        json.loads(storage.read_text(storage.location(annotations))) if storage.is_file(storage.location(annotations)) else None
+    )
+    coco = load_coco(annotations, images)  # raises for a missing or malformed file
+    records = coco.records
+    kept = {record.image_id for record in records}
+    by_id = {entry["id"]: entry for entry in source["images"]}
+    images_out: List[Dict] = []
+    shard_info = []
+    bounds = [round(k * len(records) / shards) for k in range(shards + 1)]
+    for index in range(shards):
+        name = shard_name(prefix, index, shards)
+        chunk = records[bounds[index] : bounds[index + 1]]
+        offset = len(MAGIC)
+        placed = []
+        for record, data in zip(chunk, storage.read_many([record.path for record in chunk])):
+            if isinstance(data, Exception):
+                raise DatasetError(f"{record.path}: cannot be read ({data})")
+            placed.append((record, data, offset))
+            offset += len(data)
+
+        def write(handle, placed=placed) -> None:
+            handle.write(MAGIC)
+            for _, data, _ in placed:
+                handle.write(data)
+
+        storage.write_file(name, write)
+        for record, data, start in placed:
+            entry = dict(by_id[record.image_id])
+            entry["record"] = {"shard": storage.name(name), "offset": start, "length": len(data), "crc32": zlib.crc32(data)}
+            images_out.append(entry)
+        shard_info.append({"name": storage.name(name), "records": len(placed), "bytes": offset})
+    meta = {
+        "images": images_out,
+        "annotations": [a for a in source["annotations"] if isinstance(a, dict) and a.get("image_id") in kept],
+        "categories": source["categories"],
+        "records": {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": str(annotations),
+            "images": len(images_out),
+            "boxes": sum(len(record.boxes) for record in records),
+            "shards": shard_info,
+        },
+    }
+    storage.write_text(storage.location(f"{prefix}.json"), json.dumps(meta))
+    return coco
+
+
+def load_records(prefix: Location, label_mapping: str = "contiguous", min_box_size: float = 1.0) -> CocoDataset:
+    """The dataset of ``PREFIX.json``, each image's path a byte range of its shard. A shard that
+    is missing or shorter than its index says is a ``DatasetError`` naming it, at start."""
+    meta_path = storage.location(f"{prefix}.json")
+    if not storage.is_file(meta_path):
+        raise DatasetError(
+            f"{meta_path}: records index does not exist (write it with 'retinanet-xla data convert ANN --from coco')"
+        )
+    try:
+        meta = json.loads(storage.read_text(meta_path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{meta_path}: not valid JSON ({error})") from None
+    info = meta.get("records") if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise DatasetError(f"{meta_path}: not a {FORMAT} index of version {VERSION}")
+    directory = storage.parent(meta_path)
+    shards = {entry["name"]: storage.join(directory, entry["name"]) for entry in info["shards"]}
+    needed: Dict[str, int] = {}
+    slices = {}
+    for image in meta["images"]:
+        record = image.get("record") if isinstance(image, dict) else None
+        if not isinstance(record, dict) or record.get("shard") not in shards:
+            raise DatasetError(
+                f"{meta_path}: image {image.get('id') if isinstance(image, dict) else image!r} has no record in a listed shard"
+            )
+        end = record["offset"] + record["length"]
+        needed[record["shard"]] = max(needed.get(record["shard"], 0), end)
+        slices[image["id"]] = ByteRange(shards[record["shard"]], record["offset"], record["length"], record["crc32"])
+    for name, end in needed.items():
+        size = storage.size(shards[name]) if storage.is_file(shards[name]) else None
+        if size is None:
+            raise DatasetError(f"{shards[name]}: record shard does not exist")
+        if size < end:
+            raise DatasetError(f"{shards[name]}: record shard is truncated ({size} bytes; its index needs {end})")
+    coco = load_coco(meta_path, directory, label_mapping, min_box_size, check_files=False, data=meta)
+    for record in coco.records:
+        record.path = slices[record.image_id]
+    return coco
