@@ -4,7 +4,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from retinanet_xla.models import RetinaNet
-from retinanet_xla.xla.cpu_convolution import XlaCpuConv2d, convolution_as_matmul, use_xla_cpu_convolutions
+from retinanet_xla.xla.cpu_convolution import (
+    XlaCpuConv2d,
+    XlaCpuDepthwiseConv2d,
+    convolution_as_matmul,
+    depthwise_as_taps,
+    use_xla_cpu_convolutions,
+)
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
 from retinanet_xla.xla.cpu_pooling import StemMaxPool
 
@@ -27,17 +33,34 @@ def test_convolution_as_matmul_equals_conv2d_with_gradients(kernel, stride, padd
         torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
 
 
-def test_only_plain_convolutions_are_converted_and_the_state_dict_stays():
+@pytest.mark.parametrize("kernel, stride, padding, bias", [(3, 1, 1, False), (3, 2, 1, True), (5, 2, 2, False), (5, 1, 2, True)])
+def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, padding, bias):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 1, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    expected = F.conv2d(x, weight, b, stride, padding, groups=6)
+    got = depthwise_as_taps(x, weight, b, (stride, stride), (padding, padding))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    inputs = [x, weight] + ([b] if bias else [])
+    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+
+
+def test_only_plain_and_depthwise_convolutions_are_converted_and_the_state_dict_stays():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 3, padding=1),
         nn.Conv2d(8, 8, 3, padding=1, groups=2),
         nn.Conv2d(8, 8, 3, padding=2, dilation=2),
         nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
         nn.Conv2d(8, 8, 3, padding="same"),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
     )
     keys = list(model.state_dict())
     use_xla_cpu_convolutions(model)
-    assert [type(m) is XlaCpuConv2d for m in model] == [True, False, False, False, False]
+    assert [type(m).__name__ for m in model] == ["XlaCpuConv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d", "XlaCpuDepthwiseConv2d"]
+    assert type(model[5]) is XlaCpuDepthwiseConv2d
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(model[0](x), F.conv2d(x, model[0].weight, model[0].bias, 1, 1))  # 50 pixels > 8 channels: conv2d

@@ -49,6 +49,32 @@ def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> T
     return out
 
 
+def depthwise_as_taps(x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` for a depthwise convolution
+    (one filter per channel, dilation 1) as a sum over the kernel's taps of shifted input slices
+    times each channel's tap weight: elementwise work that XLA fuses into one loop."""
+    out_h = _output_size(x.shape[-2], weight.shape[2], stride[0], padding[0])
+    out_w = _output_size(x.shape[-1], weight.shape[3], stride[1], padding[1])
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if padding[0] or padding[1] else x
+    out = None
+    for i in range(weight.shape[2]):
+        for j in range(weight.shape[3]):
+            tap = padded[:, :, i : i + stride[0] * (out_h - 1) + 1 : stride[0], j : j + stride[1] * (out_w - 1) + 1 : stride[1]]
+            term = tap * weight[None, :, 0, i, j, None, None]
+            out = term if out is None else out + term
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    return out
+
+
+class XlaCpuDepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with one filter per channel, computed by ``depthwise_as_taps`` (for XLA:CPU
+    only, whose grouped convolution is slow: docs/models.md). Same parameters and state dict."""
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
+        return depthwise_as_taps(x, weight, bias, self.stride, self.padding)
+
+
 class XlaCpuConv2d(nn.Conv2d):
     """``nn.Conv2d`` that computes small-output convolutions as a matrix product (for XLA:CPU
     only: ``use_xla_cpu_convolutions``). Same parameters and state dict."""
@@ -62,14 +88,17 @@ class XlaCpuConv2d(nn.Conv2d):
 
 
 def use_xla_cpu_convolutions(model: nn.Module) -> None:
-    """Make every plain ``nn.Conv2d`` of ``model`` an ``XlaCpuConv2d`` (in place: parameters,
-    names and hooks stay). Grouped, dilated and non-zero-padded ones stay as they are."""
+    """Make every plain ``nn.Conv2d`` of ``model`` an ``XlaCpuConv2d``, and every depthwise one
+    an ``XlaCpuDepthwiseConv2d`` (in place: parameters, names and hooks stay). Other grouped,
+    dilated and non-zero-padded ones stay as they are."""
     for module in model.modules():
-        if (
+        plain = (
             type(module) is nn.Conv2d
-            and module.groups == 1
             and module.dilation == (1, 1)
             and module.padding_mode == "zeros"
             and isinstance(module.padding, tuple)
-        ):
+        )
+        if plain and module.groups == 1:
             module.__class__ = XlaCpuConv2d
+        elif plain and module.groups == module.in_channels == module.out_channels:
+            module.__class__ = XlaCpuDepthwiseConv2d
