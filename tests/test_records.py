@@ -2,21 +2,25 @@
 bit; the same metrics; resumable sampling; a truncated or damaged shard named, never trained on."""
 
 import json
+import os
+import subprocess
 import zlib
 
 import pytest
 import torch
 
 from retinanet_xla.config import load_config
+from retinanet_xla.data import DetectionDataset
 from retinanet_xla.data.coco import load_coco
 from retinanet_xla.data.records import load_records, shard_name
 from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.distributed.replicas import Replicas
-from retinanet_xla.errors import DatasetError
+from retinanet_xla.errors import ConfigError, DatasetError
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
+from retinanet_xla.rundir.checkpoint import load_checkpoint
 from retinanet_xla.training.trainer import train_batches
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import run_cli, train_command
 
 BATCH = ["data.image_size=[64,64]", "data.max_boxes=auto", "data.num_workers=0", "train.batch_size=4", "train.seed=7"]
 
@@ -108,8 +112,6 @@ def test_a_truncated_shard_is_named_at_start_and_a_damaged_record_is_not_trained
     last = records.records[-1]
     assert last.path.path == second and zlib.crc32(bytes(damaged[last.path.start :])) != last.path.crc32
     config = load_config(overrides=[*BATCH, f"data.train.records={prefix}"])
-    from retinanet_xla.data import DetectionDataset
-
     dataset = DetectionDataset(records.records, records.mapping, (64, 64), 8)
     sample = dataset[len(records.records) - 1]  # replaced by the next readable image, counted
     assert int(sample["unreadable"]) == 1 and int(sample["image_id"]) == records.records[0].image_id
@@ -117,7 +119,38 @@ def test_a_truncated_shard_is_named_at_start_and_a_damaged_record_is_not_trained
 
 
 def test_records_and_annotations_for_one_split_are_refused(tmp_path):
-    from retinanet_xla.errors import ConfigError
-
     with pytest.raises(ConfigError, match="data.train.records must be unset when annotations and images are set"):
         load_config(overrides=["data.train.records=x", "data.train.annotations=a.json"])
+
+
+@pytest.mark.xla
+def test_training_on_records_resumed_mid_epoch_continues_the_exact_run(converted, capsys, monkeypatch, tmp_path):
+    """Through the CLI on CPU XLA: 6 steps straight, against 3 steps, stopped, then resumed to 6
+    (22 images, batch 4: step 3 is in the middle of the first epoch)."""
+    root, paths = converted
+    prefix = tmp_path / "train"
+    convert(capsys, monkeypatch, paths["train"], prefix, shards=2)
+    common = [f"data.train.records={prefix}", "train.log_every=1", "train.schedule.kind=step", "train.schedule.warmup_steps=1"]
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+
+    def train(output, steps):
+        command = train_command(output, *common, f"train.steps={steps}", f"train.checkpoint_every={steps}")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train(tmp_path / "straight", 6)
+    train(tmp_path / "resumed", 3)
+    train(tmp_path / "resumed", 6)
+
+    def losses(output):
+        rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(4, 7):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000006.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_00000006.pt")["model"]
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-5, msg=name)
