@@ -9,7 +9,9 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
 - the 3x3/2 stem max pool, whose gradient XLA lowers to a scalar-loop ``select-and-scatter``
   (51 -> 23 ms forward and backward; ``cpu_pooling.py``);
 - convolutions with fewer output pixels than channels, whose weight relayouts cost more than the
-  convolution (``cpu_convolution.py``).
+  convolution (``cpu_convolution.py``);
+- depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps
+  (MobileNetV2 1.8 -> 0.9 s per step at 256x256, batch 4; docs/models.md).
 """
 
 from torch import nn
