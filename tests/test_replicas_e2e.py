@@ -3,6 +3,7 @@ torch_xla runs as two threads of one child process, through the real CLI."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,3 +286,22 @@ def test_sigterm_to_every_process_stops_all_replicas_with_a_checkpoint(tmp_path)
     assert step % LOG_EVERY == 0 and LOG_EVERY <= step < 500  # a log step, where the replicas agree
     assert f"stopped by signal 15 at step {step}; saved {saved[0]}; run the same command again to resume" in result.stderr
     assert load_checkpoint(saved[0])["step"] == step
+
+
+def test_replica_0_alone_chooses_the_checkpoint_both_replicas_resume_from(two_replicas, tmp_path):
+    """Two hosts listing a bucket a moment apart could see different newest checkpoints: only
+    replica 0 lists, skips the damaged one, and sends its choice to the other."""
+    output, first = two_replicas
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    newest = run / "checkpoints" / "step_00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # cut short
+    command = train_command(run, *SETTINGS, "train.steps=4", "train.eval_every=0", "runtime.num_devices=null")
+    result = run_on_two_devices(command, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count(f"skipping unusable checkpoint: {newest}") == 1  # listed once, by replica 0
+    resumed = f"resuming from {run / 'checkpoints' / 'step_00000002.pt'} (step 2)"
+    assert result.stderr.count(resumed) == 2  # and both replicas loaded its choice
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["replicas"] == 2 and summary["compilations_after_warmup"] == 0
