@@ -13,7 +13,7 @@ from retinanet_xla.data.throughput import measure_pipeline
 from retinanet_xla.errors import ConfigError
 
 data_app = typer.Typer(
-    help="Datasets: write the synthetic one, check one, convert YOLO or VOC to COCO, time the input pipeline.",
+    help="Datasets: write the synthetic one, check one, convert COCO to record shards or YOLO / VOC to COCO, time the input pipeline.",
     no_args_is_help=True,
 )
 
