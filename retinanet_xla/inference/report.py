@@ -111,6 +111,11 @@ def prediction_grid(run: Location, score_threshold: float, count: int = GRID_IMA
     """A PNG: one row per validation image, ground truth on the left, detections on the right;
     and the checkpoint it shows."""
     loaded = load_for_inference(run, ["runtime.device=cpu"])
+    data = loaded.config.data
+    trained_on_synthetic = data.train.annotations is None and data.train.records is None
+    if data.val.annotations is None and data.val.records is None and not trained_on_synthetic:
+        # The built-in synthetic split would show shapes to a model of other classes.
+        raise UserError("no validation split configured (data.val.annotations or data.val.records)")
     coco = dataset_split(loaded.config, "val", local_run_files(loaded.checkpoint))
     coco.mapping = loaded.mapping
     records = coco.records[:count]

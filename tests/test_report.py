@@ -1,0 +1,31 @@
+"""``retinanet-xla report`` without a model: the curves of a log, and the one-line refusals."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from tests.cli_helpers import run_cli
+
+
+def test_a_run_without_checkpoints_still_gets_its_curves(tmp_path, capsys, monkeypatch):
+    rows = [{"step": s, "loss": 5.0 / s, "cls_loss": 1.0 / s, "lr": 0.01, "images_per_second": 20.0 + s} for s in range(1, 9)]
+    rows.append({"step": 8, "eval": {"AP": 0.25, "AP50": 0.5, "per_category_AP": {"cat": 0.3, "dog": -1.0}}})
+    rows.append({"step": 9, "loss": "nan"})  # a non-finite value is logged as text: left out
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 10, "lo')
+    result = run_cli(capsys, monkeypatch, "report", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'report' / 'index.html'}"
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == ["ap.png", "images_per_second.png", "index.html", "loss.png", "lr.png"]
+    for name in (n for n in names if n.endswith(".png")):
+        assert np.asarray(Image.open(tmp_path / "report" / name).convert("L")).std() > 10, name
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "No prediction grid: " in page and "no usable checkpoints" in page
+    assert "<th>AP cat</th><td>0.300</td>" in page and "<th>AP dog</th><td>n/a</td>" in page
+
+
+def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "report", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl: not a run directory, or a run that logged nothing yet"
