@@ -127,9 +127,7 @@ def _remote(url: str, action: Callable, *args, **kwargs):
     fs = _filesystem(url)
     try:
         return action(fs, *args, **kwargs)
-    except FileNotFoundError:
-        raise
-    except StorageError:
+    except (FileNotFoundError, StorageError):
         raise
     except Exception as error:  # gcsfs's HttpError, google.auth's errors, aiohttp's
         raise StorageError(describe_failure(url, error)) from None
@@ -260,18 +258,17 @@ def write_file(path: Location, write: Callable[[io.BufferedWriter], None]) -> No
     """Create ``path`` whole or not at all: ``write(handle)`` fills a temporary file, which is
     fsynced and renamed over ``path`` (local), or uploaded in one request (a URL: the object
     appears only when the upload is finalized). A failed write leaves nothing behind."""
-    if not is_url(path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-    directory = Path(path).parent if not is_url(path) else None
+    directory = None if is_url(path) else Path(path).parent
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{name(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if is_url(path):
-            _remote(path, lambda fs: fs.put_file(temporary, path))
+        if directory is None:
+            upload_file(Path(temporary), path)
             os.unlink(temporary)
             return
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the user's group
@@ -284,6 +281,12 @@ def write_file(path: Location, write: Callable[[io.BufferedWriter], None]) -> No
         os.fsync(handle_of_directory)  # the rename itself survives a power cut
     finally:
         os.close(handle_of_directory)
+
+
+def upload_file(local: Path, url: str) -> None:
+    """A finished local file to ``url`` in one request: the object appears only when the upload
+    is finalized."""
+    _remote(url, lambda fs: fs.put_file(str(local), url))
 
 
 def write_bytes(path: Location, data: bytes) -> None:
@@ -332,7 +335,7 @@ def written_through(target: Location) -> Iterator[Path]:
         yield Path(scratch)
         for path in sorted(Path(scratch).rglob("*")):
             if path.is_file():
-                write_bytes(join(target, str(path.relative_to(scratch))), path.read_bytes())
+                upload_file(path, join(target, str(path.relative_to(scratch))))
 
 
 class StagedDirectory:
@@ -391,8 +394,7 @@ class StagedDirectory:
             stamp = self._stamp(path)
             if self._pushed.get(relative) == stamp:
                 continue
-            data = path.read_bytes()
-            write_bytes(join(self.target, relative), data)
+            upload_file(path, join(self.target, relative))
             self._pushed[relative] = stamp
             uploaded.append(relative)
         return uploaded

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # The XLA tests run on the CPU PJRT client; set before torch_xla is first imported.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
@@ -12,3 +14,13 @@ prefer_nonblocking_cpu_client()  # as every Runtime does; before the client belo
 # The XLA device must exist before the autograd engine starts (the first eager backward in any
 # test); otherwise a later XLA backward fails with "device_ready_queues_ ... INTERNAL ASSERT".
 torch_xla.device()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A real Cloud Storage server on 127.0.0.1 for the session (tests/gcs_server.py)."""
+    from tests.gcs_server import GcsServer
+
+    server = GcsServer().start()
+    yield server
+    server.stop()

@@ -16,19 +16,11 @@ import torch
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.rundir.checkpoint import load_checkpoint
 from tests.cli_helpers import ROOT, SCRIPT, TINY, run_cli
-from tests.gcs_server import GcsServer
 
 pytestmark = pytest.mark.xla
 
 N = 3  # steps between checkpoints
 STEPS = [f"train.steps={2 * N}", "train.log_every=1", f"train.checkpoint_every={N}", "train.schedule.warmup_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    server = GcsServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,6 @@ import pytest
 from retinanet_xla import storage
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from tests.cli_helpers import ROOT, run_cli
-from tests.gcs_server import GcsServer
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    server = GcsServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

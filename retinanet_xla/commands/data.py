@@ -70,8 +70,8 @@ def convert_command(
         typer.echo(
             f"wrote {output}.json and {shards} shard(s) {output}-*-of-{shards:05d}.rxr: {len(coco.records)} images, {boxes} boxes"
         )
-        for reason, count in sorted(coco.problems.items()):
-            typer.echo(f"left out, {reason}: {count} (e.g. {'; '.join(coco.examples[reason])})")
+        for line in coco.problem_lines("left out, "):
+            typer.echo(line)
         return
     conversion = convert(source_format, Path(source), Path(output))
     for line in conversion.lines(Path(output)):

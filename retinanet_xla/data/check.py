@@ -29,8 +29,7 @@ class CheckReport:
         ]
         if self.ok:
             out.append("no problems found")
-        for reason, count in sorted(self.dataset.problems.items()):
-            out.append(f"{reason}: {count} (e.g. {'; '.join(self.dataset.examples[reason])})")
+        out += self.dataset.problem_lines()
         return out
 
 

@@ -75,20 +75,36 @@ class CategoryMapping:
         return cls(data["mode"], [int(i) for i in data["category_ids"]], {int(k): v for k, v in data["names"].items()})
 
 
-@dataclass
-class CocoDataset:
-    annotations_file: Location
-    images_dir: Location
-    records: List[ImageRecord]
-    mapping: CategoryMapping
-    problems: Counter = field(default_factory=Counter)  # reason -> count
-    examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> first few descriptions
+class ProblemCounts:
+    """Problems counted by reason, with the first few examples of each: what a dataset reader
+    or converter leaves out instead of failing. For dataclasses with ``problems`` (a Counter)
+    and ``examples`` (reason -> descriptions) fields."""
+
+    problems: Counter
+    examples: Dict[str, List[str]]
 
     def note(self, reason: str, example: str) -> None:
         self.problems[reason] += 1
         shown = self.examples.setdefault(reason, [])
         if len(shown) < 3:
             shown.append(example)
+
+    def problem_lines(self, prefix: str = "") -> List[str]:
+        """``PREFIXreason: count (e.g. first; second; third)``, one per reason, sorted."""
+        return [
+            f"{prefix}{reason}: {count} (e.g. {'; '.join(self.examples[reason])})"
+            for reason, count in sorted(self.problems.items())
+        ]
+
+
+@dataclass
+class CocoDataset(ProblemCounts):
+    annotations_file: Location
+    images_dir: Location
+    records: List[ImageRecord]
+    mapping: CategoryMapping
+    problems: Counter = field(default_factory=Counter)  # reason -> count
+    examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> first few descriptions
 
 
 def _require(condition: bool, path: Location, problem: str) -> None:
@@ -125,6 +141,17 @@ def _file_check(images_dir: Location) -> Callable[[Location], bool]:
     return lambda path: str(path)[len(str(images_dir)) + 1 :] in present
 
 
+def read_annotations(path: Location, missing: str = "annotation file does not exist") -> dict:
+    """The parsed JSON of an annotation file; a missing file (``missing`` says what it is) or one
+    that is not JSON is a ``DatasetError``."""
+    if not storage.is_file(path):
+        raise DatasetError(f"{path}: {missing}")
+    try:
+        return json.loads(storage.read_text(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{path}: not valid JSON ({error})") from None
+
+
 def load_coco(
     annotations_file: Location,
     images_dir: Location,
@@ -143,10 +170,8 @@ def load_coco(
         raise DatasetError(f"{annotations_file}: annotation file does not exist")
     if check_files and not storage.is_dir(images_dir):
         raise DatasetError(f"{images_dir}: images directory does not exist")
-    try:
-        data = json.loads(storage.read_text(annotations_file)) if data is None else data
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{annotations_file}: not valid JSON ({error})") from None
+    if data is None:
+        data = read_annotations(annotations_file)
     _require(isinstance(data, dict), annotations_file, "the top level must be an object")
     for key in ("images", "annotations", "categories"):
         _require(isinstance(data.get(key), list), annotations_file, f"missing list '{key}'")

@@ -19,39 +19,31 @@ import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import yaml
-from PIL import Image
 
+from retinanet_xla.data.coco import ProblemCounts
+from retinanet_xla.data.image_io import IMAGE_SUFFIXES, image_size
 from retinanet_xla.errors import DatasetError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SOURCES = ("yolo", "voc")  # and coco, to record shards: data/records.py
 TOLERANCE = 1e-3  # normalised coordinates this far outside [0, 1] are rounding, and clipped
 
 
 @dataclass
-class Conversion:
+class Conversion(ProblemCounts):
     coco: Dict
     images_dir: Path  # what data.*.images must name: file names are relative to it
     problems: Counter = field(default_factory=Counter)
     examples: Dict[str, List[str]] = field(default_factory=dict)
-
-    def note(self, reason: str, example: str) -> None:
-        self.problems[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < 3:
-            shown.append(example)
 
     def lines(self, output: Path) -> List[str]:
         out = [
             f"wrote {output}: {len(self.coco['images'])} images, {len(self.coco['annotations'])} boxes, "
             f"{len(self.coco['categories'])} categories; images directory {self.images_dir}"
         ]
-        for reason, count in sorted(self.problems.items()):
-            out.append(f"left out, {reason}: {count} (e.g. {'; '.join(self.examples[reason])})")
-        return out
+        return out + self.problem_lines("left out, ")
 
 
 def convert(source: str, root: Path, output: Path) -> Conversion:
@@ -64,14 +56,6 @@ def convert(source: str, root: Path, output: Path) -> Conversion:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(conversion.coco))
     return conversion
-
-
-def _image_size(path: Path) -> Optional[Tuple[int, int]]:
-    try:
-        with Image.open(path) as image:  # the header only
-            return image.size
-    except (OSError, ValueError, SyntaxError):
-        return None
 
 
 def yolo_class_names(root: Path) -> List[str]:
@@ -101,7 +85,7 @@ def from_yolo(root: Path) -> Conversion:
     paths = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     for image_id, path in enumerate(paths, 1):
         relative = path.relative_to(images_dir)
-        size = _image_size(path)
+        size = image_size(path)
         if size is None:
             conversion.note("image that cannot be read", str(relative))
             continue
@@ -175,7 +159,7 @@ def from_voc(root: Path) -> Conversion:
     for image_id, (xml_file, tree) in enumerate(parsed, 1):
         file_name = (tree.findtext("filename") or f"{xml_file.stem}.jpg").strip()
         path = images_dir / file_name
-        size = _image_size(path) if path.is_file() else None
+        size = image_size(path)
         if size is None:
             conversion.note("image missing or unreadable", f"{xml_file.name} -> {file_name}")
             continue

@@ -9,6 +9,7 @@ decoded: Pillow itself only warns up to twice its own limit, and decodes a 144 M
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -18,6 +19,7 @@ from retinanet_xla import storage
 from retinanet_xla.storage import Location
 
 FORMATS = ("JPEG", "PNG")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # how files of those formats are named, where a folder is listed
 # A decompression bomb in an untrusted dataset must fail, not exhaust a data worker's memory:
 # COCO's largest image has 0.3 M pixels, a 10,000 x 10,000 aerial tile 100 M. The default of
 # data.max_pixels; the header check below replaces Pillow's own (which only warns up to twice
@@ -25,6 +27,16 @@ FORMATS = ("JPEG", "PNG")
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATION_TAG = 0x0112  # EXIF
+
+
+def image_size(path: Path) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` from a local JPEG or PNG file's header (no pixel is decoded); None when the
+    file is missing or not one of those formats."""
+    try:
+        with Image.open(path, formats=FORMATS) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return None
 
 
 class UnreadableImage(Exception):

@@ -22,13 +22,14 @@ import zlib
 from typing import Dict, List
 
 from retinanet_xla import storage
-from retinanet_xla.data.coco import CocoDataset, load_coco
+from retinanet_xla.data.coco import CocoDataset, load_coco, read_annotations
 from retinanet_xla.errors import DatasetError
 from retinanet_xla.storage import ByteRange, Location
 
 MAGIC = b"RXREC1\n"
 FORMAT = "retinanet-xla-records"
 VERSION = 1
+READ_AT_ONCE = 64  # images held in memory while a shard is written
 
 
 def shard_name(prefix: Location, index: int, count: int) -> Location:
@@ -40,10 +41,9 @@ def write_records(annotations: Location, images: Location, prefix: Location, sha
     dataset and those entries left out), then write the shards and ``PREFIX.json``."""
     if shards < 1:
         raise DatasetError(f"--shards {shards}: expected at least 1")
-    source = (
-        json.loads(storage.read_text(storage.location(annotations))) if storage.is_file(storage.location(annotations)) else None
-    )
-    coco = load_coco(annotations, images)  # raises for a missing or malformed file
+    annotations = storage.location(annotations)
+    source = read_annotations(annotations)
+    coco = load_coco(annotations, images, data=source)  # the file is read once
     records = coco.records
     kept = {record.image_id for record in records}
     by_id = {entry["id"]: entry for entry in source["images"]}
@@ -52,26 +52,25 @@ def write_records(annotations: Location, images: Location, prefix: Location, sha
     bounds = [round(k * len(records) / shards) for k in range(shards + 1)]
     for index in range(shards):
         name = shard_name(prefix, index, shards)
-        chunk = records[bounds[index] : bounds[index + 1]]
-        offset = len(MAGIC)
-        placed = []
-        for record, data in zip(chunk, storage.read_many([record.path for record in chunk])):
-            if isinstance(data, Exception):
-                raise DatasetError(f"{record.path}: cannot be read ({data})")
-            placed.append((record, data, offset))
-            offset += len(data)
+        placed = []  # (record, offset, length, crc32)
 
-        def write(handle, placed=placed) -> None:
-            handle.write(MAGIC)
-            for _, data, _ in placed:
-                handle.write(data)
+        def write(handle, chunk=records[bounds[index] : bounds[index + 1]], placed=placed) -> None:
+            # A few images at a time: a shard of COCO train is gigabytes.
+            offset = handle.write(MAGIC)
+            for first in range(0, len(chunk), READ_AT_ONCE):
+                group = chunk[first : first + READ_AT_ONCE]
+                for record, data in zip(group, storage.read_many([record.path for record in group])):
+                    if isinstance(data, Exception):
+                        raise DatasetError(f"{record.path}: cannot be read ({data})")
+                    placed.append((record, offset, len(data), zlib.crc32(data)))
+                    offset += handle.write(data)
 
         storage.write_file(name, write)
-        for record, data, start in placed:
+        for record, start, length, crc in placed:
             entry = dict(by_id[record.image_id])
-            entry["record"] = {"shard": storage.name(name), "offset": start, "length": len(data), "crc32": zlib.crc32(data)}
+            entry["record"] = {"shard": storage.name(name), "offset": start, "length": length, "crc32": crc}
             images_out.append(entry)
-        shard_info.append({"name": storage.name(name), "records": len(placed), "bytes": offset})
+        shard_info.append({"name": storage.name(name), "records": len(placed), "bytes": len(MAGIC) + sum(p[2] for p in placed)})
     meta = {
         "images": images_out,
         "annotations": [a for a in source["annotations"] if isinstance(a, dict) and a.get("image_id") in kept],
@@ -93,14 +92,9 @@ def load_records(prefix: Location, label_mapping: str = "contiguous", min_box_si
     """The dataset of ``PREFIX.json``, each image's path a byte range of its shard. A shard that
     is missing or shorter than its index says is a ``DatasetError`` naming it, at start."""
     meta_path = storage.location(f"{prefix}.json")
-    if not storage.is_file(meta_path):
-        raise DatasetError(
-            f"{meta_path}: records index does not exist (write it with 'retinanet-xla data convert ANN --from coco')"
-        )
-    try:
-        meta = json.loads(storage.read_text(meta_path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{meta_path}: not valid JSON ({error})") from None
+    meta = read_annotations(
+        meta_path, "records index does not exist (write it with 'retinanet-xla data convert ANN --from coco')"
+    )
     info = meta.get("records") if isinstance(meta, dict) else None
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise DatasetError(f"{meta_path}: not a {FORMAT} index of version {VERSION}")

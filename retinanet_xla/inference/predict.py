@@ -12,16 +12,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from retinanet_xla import storage
-from retinanet_xla.data.coco import load_coco
-from retinanet_xla.data.image_io import UnreadableImage, read_rgb
+from retinanet_xla.data.coco import CategoryMapping, ImageRecord, load_coco
+from retinanet_xla.data.image_io import IMAGE_SUFFIXES, UnreadableImage, read_rgb
 from retinanet_xla.data.transforms import letterbox
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.inference.loading import LoadedModel
 from retinanet_xla.ops.postprocess import to_original_pixels
 from retinanet_xla.storage import Location
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def collect_images(paths: Sequence[str]) -> List[Location]:
@@ -161,24 +159,24 @@ def predict(
     return dataclasses.replace(done, json_path=storage.join(output_dir, storage.name(done.json_path)))
 
 
+def ground_truth_boxes(record: ImageRecord, model_mapping: CategoryMapping, names: Dict[int, str]) -> List[Dict]:
+    """A record's boxes in ``draw``'s format, coloured by the model's labels (by category id
+    where the model does not know a category) and named by ``names``."""
+    known = set(record.category_ids.tolist()) <= set(model_mapping.category_ids)
+    labels = model_mapping.to_labels(record.category_ids) if known else record.category_ids
+    return [
+        {"bbox": [x1, y1, x2 - x1, y2 - y1], "label": int(label), "category_name": names.get(int(c), str(c))}
+        for (x1, y1, x2, y2), label, c in zip(record.boxes.tolist(), labels.tolist(), record.category_ids.tolist())
+    ]
+
+
 def ground_truth_by_name(loaded: LoadedModel, annotations: str) -> Dict[str, List[Dict]]:
     """The boxes of a COCO file by image file name (its last part), checked as training checks
-    them, in the drawing format; categories named as the model names them."""
+    them, in the drawing format."""
     coco = load_coco(annotations, storage.parent(storage.location(annotations)), check_files=False)
     by_name: Dict[str, List[Dict]] = {}
     for record in coco.records:
-        labels = (
-            loaded.mapping.to_labels(record.category_ids)
-            if set(record.category_ids.tolist()) <= set(loaded.mapping.category_ids)
-            else record.category_ids
-        )
-        by_name.setdefault(
-            storage.name(record.path),
-            [
-                {"bbox": [x1, y1, x2 - x1, y2 - y1], "label": int(label), "category_name": coco.mapping.names.get(int(c), str(c))}
-                for (x1, y1, x2, y2), label, c in zip(record.boxes.tolist(), labels.tolist(), record.category_ids.tolist())
-            ],
-        )
+        by_name.setdefault(storage.name(record.path), ground_truth_boxes(record, loaded.mapping, coco.mapping.names))
     return by_name
 
 

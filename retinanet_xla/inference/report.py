@@ -25,7 +25,7 @@ from retinanet_xla.data.image_io import read_rgb  # noqa: E402
 from retinanet_xla.data.splits import dataset_split  # noqa: E402
 from retinanet_xla.errors import CheckpointError, UserError  # noqa: E402
 from retinanet_xla.inference.loading import load_for_inference  # noqa: E402
-from retinanet_xla.inference.predict import detect, draw  # noqa: E402
+from retinanet_xla.inference.predict import detect, draw, ground_truth_boxes  # noqa: E402
 from retinanet_xla.rundir.directory import local_run_files  # noqa: E402
 from retinanet_xla.storage import Location  # noqa: E402
 
@@ -123,11 +123,7 @@ def prediction_grid(run: Location, score_threshold: float, count: int = GRID_IMA
     found = detect(loaded, images, score_threshold)
     rows = []
     for record, image, detections in zip(records, images, found):
-        labels = loaded.mapping.to_labels(record.category_ids)
-        truth = [
-            {"bbox": [x1, y1, x2 - x1, y2 - y1], "label": int(label), "category_name": loaded.mapping.names.get(int(c), str(c))}
-            for (x1, y1, x2, y2), label, c in zip(record.boxes.tolist(), labels.tolist(), record.category_ids.tolist())
-        ]
+        truth = ground_truth_boxes(record, loaded.mapping, loaded.mapping.names)
         rows.append((_fit(draw(image, truth, scores=False)), _fit(draw(image, detections))))
     gap, header = 8, 22
     width = 2 * TILE + 3 * gap
