@@ -18,6 +18,7 @@ P6_INPUTS = ("p5", "c5")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("xla", "cpu", "cuda")
+STEP_GRAPHS = ("replay", "retrace")
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 
 
@@ -321,9 +322,11 @@ class RuntimeConfig:
     num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: torch_xla profiler trace of those train steps
+    step_graph: str = "replay"  # replay: trace the train step once, then rerun its graph | retrace: trace every step
 
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)
+        _one_of("step_graph", self.step_graph, STEP_GRAPHS)
         _require(self.num_devices is None or self.num_devices >= 1, "num_devices", self.num_devices, ">= 1 or null")
         profile = self.profile_steps
         valid = profile is None or (len(profile) == 2 and 1 <= profile[0] <= profile[1])

@@ -37,7 +37,7 @@ def replica_runtime(config: Config, replicas: Replicas = Replicas()) -> Runtime:
     """The device runtime of one replica; replicas that are threads of this process share the
     order in which they launch graphs with collectives."""
     order = launch_order(replicas.world) if replicas.threaded and replicas.world > 1 else None
-    return Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order)
+    return Runtime(config.runtime.device, config.runtime.compile_cache, replicas.rank, order, config.runtime.step_graph)
 
 
 def run_on_local_replicas(function: Callable[..., Any], args: tuple, config: Config, agreed_errors: tuple = ()) -> Any:

@@ -1,7 +1,11 @@
 """The training step: forward, loss, backward, clipping and the optimizer update, traced as one
-graph. It returns device tensors only; nothing here waits for the device."""
+graph. It returns device tensors only; nothing here waits for the device.
 
-from typing import Dict, Optional
+On XLA the step is traced on the first call only, and its compiled graph replayed after that
+(``runtime.step_graph: replay``, ``xla/replay.py``), so everything it updates is listed in
+``state_tensors``."""
+
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +41,25 @@ class TrainStep:
         # The step counter lives on the device: the learning rate is computed from it inside
         # the graph, so a changing rate never changes the graph.
         self.step = torch.zeros((), dtype=torch.int64, device=runtime.device)
+        self._launch = runtime.replayable(self.trace, self.state_tensors, self._drop_gradients)
 
     def __call__(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return self._launch(batch)
+
+    def state_tensors(self) -> List[Tensor]:
+        """Every tensor the step reads from one call to the next or updates: weights and
+        buffers, optimizer and loss state, the step counter, the weight average."""
+        tensors = [*self.model.state_dict(keep_vars=True).values(), *self.optimizer.momentum_buffers]
+        tensors += [*self.loss_fn.state_dict(keep_vars=True).values(), self.step]
+        if self.ema is not None:
+            tensors += list(self.ema.model.state_dict(keep_vars=True).values())
+        return tensors
+
+    def _drop_gradients(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def trace(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """One step: on XLA, its graph, traced (what ``__call__`` runs or replays)."""
         # Fresh gradients every step (set_to_none) keep "grad is None" constant across steps.
         self.model.zero_grad(set_to_none=True)
         with self.runtime.autocast(self.precision):

@@ -5,13 +5,14 @@ import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Protocol
+from typing import Callable, Dict, Iterable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
 from retinanet_xla.xla.feed import DeviceFeed, TimedBatches
+from retinanet_xla.xla.replay import GraphReplay, Step
 
 
 class GraphLaunchOrder(Protocol):
@@ -61,9 +62,14 @@ def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 class Runtime:
     def __init__(
-        self, kind: str = "xla", compile_cache: Optional[str] = None, rank: int = 0, order: Optional[GraphLaunchOrder] = None
+        self,
+        kind: str = "xla",
+        compile_cache: Optional[str] = None,
+        rank: int = 0,
+        order: Optional[GraphLaunchOrder] = None,
+        step_graph: str = "replay",
     ):
-        self.kind = kind
+        self.kind, self.step_graph = kind, step_graph
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
         self._after_sync = []
@@ -103,6 +109,20 @@ class Runtime:
         if self.is_xla_cpu:
             use_xla_cpu_kernels(model)
         return model.to(self.device)
+
+    def replayable(self, step: Step, state: Callable[[], Sequence[torch.Tensor]], after_trace: Callable[[], None]) -> Step:
+        """``step`` traced on its first call and its compiled graph replayed after that
+        (``GraphReplay``), on XLA with ``runtime.step_graph: replay``; else ``step`` itself,
+        traced (or, eagerly, run) every call. The graph is launched as a collective one."""
+        if not self.is_xla or self.step_graph != "replay":
+            return step
+        return GraphReplay(step, state, after_trace, self.wait, self._launch_collective)
+
+    def _launch_collective(self, run: Callable[[], None]) -> None:
+        if self.order is None:
+            run()
+        else:
+            self.order.run(self.rank, run)
 
     def sync(self, collective: bool = False) -> None:
         """End the traced step: XLA compiles (first time) and launches the graph asynchronously.
