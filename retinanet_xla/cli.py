@@ -93,6 +93,9 @@ def bench(
         "--input-pipeline",
         help="Feed the steps through the data pipeline (the config's train split, or synthetic images) and report how long the device waited for input.",
     ),
+    trace_only: bool = typer.Option(
+        False, "--trace-only", help="Only trace the step, never run it: the host's time to trace one step, alone (XLA)."
+    ),
 ) -> None:
     """Time the training step on synthetic batches (no dataset), on every local XLA device as train would: compile time, step time, images/s.
 
@@ -100,15 +103,22 @@ def bench(
     from retinanet_xla.commands.bench import benchmark
 
     settings = load_config(config, _with_devices(overrides, devices))
-    result = benchmark(settings, steps, input_pipeline)
-    typer.echo(
-        f"{result['device']} x {result['replicas']} replica(s): first step (compile) {result['first_step_seconds']:.1f} s, "
-        f"step {result['step_seconds'] * 1000:.1f} ms (host trace {result['trace_seconds'] * 1000:.1f} "
-        f"+- {result['trace_seconds_spread'] * 1000:.1f} ms), {result['images_per_second']:.1f} images/s "
-        f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
-        f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up), "
-        f"waiting for input {result['device_wait_fraction']:.1%} of the time ({result['input']})"
-    )
+    result = benchmark(settings, steps, input_pipeline, trace_only)
+    if trace_only:
+        typer.echo(
+            f"{result['device']} x {result['replicas']} replica(s): tracing the step takes {result['trace_seconds'] * 1000:.1f} "
+            f"+- {result['trace_seconds_spread'] * 1000:.1f} ms on the host (batch {result['batch_size']}, "
+            f"{result['image_size'][0]}x{result['image_size'][1]}; traced {steps} times, never run)"
+        )
+    else:
+        typer.echo(
+            f"{result['device']} x {result['replicas']} replica(s): first step (compile) {result['first_step_seconds']:.1f} s, "
+            f"step {result['step_seconds'] * 1000:.1f} ms (host {result['trace_seconds'] * 1000:.1f} "
+            f"+- {result['trace_seconds_spread'] * 1000:.1f} ms per step, graph {result['step_graph']}), {result['images_per_second']:.1f} images/s "
+            f"(batch {result['batch_size']}, {result['image_size'][0]}x{result['image_size'][1]}), "
+            f"compilations {result['compilations_total']} ({result['compilations_after_warmup']} after warm-up), "
+            f"waiting for input {result['device_wait_fraction']:.1%} of the time ({result['input']})"
+        )
     if json_output:
         storage.write_text(storage.location(json_output), json.dumps(result, indent=2) + "\n")
 

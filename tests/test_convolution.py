@@ -7,8 +7,10 @@ from retinanet_xla.models import RetinaNet
 from retinanet_xla.xla.cpu_convolution import (
     XlaCpuConv2d,
     XlaCpuDepthwiseConv2d,
+    XlaCpuGroupedConv2d,
     convolution_as_matmul,
     depthwise_as_taps,
+    grouped_as_matmul,
     use_xla_cpu_convolutions,
 )
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
@@ -48,7 +50,24 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
         torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
 
 
-def test_only_plain_and_depthwise_convolutions_are_converted_and_the_state_dict_stays():
+@pytest.mark.parametrize(
+    "groups, kernel, stride, padding, bias", [(2, 3, 1, 1, False), (3, 3, 2, 1, True), (6, 1, 1, 0, True), (2, 3, 2, 0, False)]
+)
+def test_grouped_as_matmul_equals_grouped_conv2d_with_gradients(groups, kernel, stride, padding, bias):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(12, 6 // groups, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    expected = F.conv2d(x, weight, b, stride, padding, groups=groups)
+    got = grouped_as_matmul(x, weight, b, (stride, stride), (padding, padding), groups)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    inputs = [x, weight] + ([b] if bias else [])
+    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+
+
+def test_only_plain_and_grouped_convolutions_are_converted_and_the_state_dict_stays():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 3, padding=1),
         nn.Conv2d(8, 8, 3, padding=1, groups=2),
@@ -59,8 +78,9 @@ def test_only_plain_and_depthwise_convolutions_are_converted_and_the_state_dict_
     )
     keys = list(model.state_dict())
     use_xla_cpu_convolutions(model)
-    assert [type(m).__name__ for m in model] == ["XlaCpuConv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d", "XlaCpuDepthwiseConv2d"]
-    assert type(model[5]) is XlaCpuDepthwiseConv2d
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["XlaCpuConv2d", "XlaCpuGroupedConv2d", "Conv2d", "Conv2d", "Conv2d", "XlaCpuDepthwiseConv2d"]
+    assert type(model[1]) is XlaCpuGroupedConv2d and type(model[5]) is XlaCpuDepthwiseConv2d
     assert list(model.state_dict()) == keys
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(model[0](x), F.conv2d(x, model[0].weight, model[0].bias, 1, 1))  # 50 pixels > 8 channels: conv2d

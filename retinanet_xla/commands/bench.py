@@ -50,14 +50,17 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
     return batches
 
 
-def benchmark(config: Config, steps: int, input_pipeline: bool = False) -> Dict:
+def benchmark(config: Config, steps: int, input_pipeline: bool = False, trace_only: bool = False) -> Dict:
     """Run ``steps`` training steps on every local XLA device (``runtime.num_devices``), as
     ``train`` would; step 1 includes compilation, the rest are timed together.
 
     ``input_pipeline``: batches come through the real data pipeline (the config's train split,
     or the synthetic dataset written to a scratch directory) with ``data.num_workers``, instead
     of a few random batches held in memory; ``device_wait_fraction`` then tells whether the
-    pipeline keeps up."""
+    pipeline keeps up.
+
+    ``trace_only``: the step is traced ``steps`` times and never run (``trace_seconds`` only):
+    the host's cost alone, without the device's work competing for the host's cores."""
     if steps < 2:
         raise ConfigError("bench needs at least 2 steps: one to compile, one to time")
     count = local_replica_count(config.runtime.device, config.runtime.num_devices)
@@ -67,6 +70,8 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False) -> Dict:
         data_root = Path(scratch) if input_pipeline else None
         if data_root is not None:
             split_files(config, "train", data_root)  # written once, before any replica reads it
+        if trace_only:
+            return run_on_local_replicas(_trace_only, (config, steps), config)
         return run_on_local_replicas(_benchmark, (config, steps, data_root), config)
 
 
@@ -92,11 +97,12 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     warm, traces = Stopwatch(), []
     for _ in range(steps - 1):
         batch = next(batches)
-        # The host's time in the step call: on XLA, tracing the graph (the device runs the
-        # previous step meanwhile); on an eager device, the step itself.
-        traced = Stopwatch()
+        # The host's time in the step call: on XLA, launching the replayed graph or tracing it
+        # (runtime.step_graph), while the device runs the previous step; on an eager device, the
+        # step itself.
+        traced, waited = Stopwatch(), step_fn.seconds_waiting()
         outputs = step_fn(batch)
-        traces.append(traced.seconds())
+        traces.append(traced.seconds() - (step_fn.seconds_waiting() - waited))
         runtime.sync(collective=True)
     runtime.wait()
     warm_seconds = warm.seconds()
@@ -131,6 +137,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         if data_root is not None
         else "in-memory random batches",
         "steps": steps,
+        "step_graph": config.runtime.step_graph if runtime.is_xla else "eager",
         "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),
         "first_step_seconds": round(float(times[:, 0].max()), 3),
@@ -151,4 +158,38 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
         **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
         "final_loss": final_loss,
+    }
+
+
+def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
+    runtime = replica_runtime(config, replicas)
+    if not runtime.is_xla:
+        raise ConfigError("bench --trace-only needs runtime.device: xla (an eager step runs as it is called)")
+    step_fn = build_train_step(config, runtime, replicas)
+    runtime.wait()
+    batches = runtime.device_batches(_host_batches(config, replicas, steps, None))
+    traces = []
+    try:
+        for batch in batches:
+            traced = Stopwatch()
+            step_fn.trace(batch)
+            traces.append(traced.seconds())
+            runtime.discard_pending()
+    finally:
+        batches.close()
+    times = torch.tensor([[statistics.mean(traces[1:]), statistics.pstdev(traces[1:])]])  # the first warms Python up
+    if replicas.world > 1:
+        times = replicas.gather(times, runtime.device)
+        runtime.sync(collective=True)
+        times = times.cpu()
+    slowest = int(times[:, 0].argmax())
+    return {
+        "device": str(runtime.device),
+        "replicas": replicas.world,
+        "steps": steps,
+        "step_graph": "traced, never run",
+        "batch_size": config.train.batch_size,
+        "image_size": list(config.data.image_size),
+        "trace_seconds": round(float(times[slowest, 0]), 4),
+        "trace_seconds_spread": round(float(times[slowest, 1]), 4),
     }

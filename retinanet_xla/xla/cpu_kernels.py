@@ -12,6 +12,8 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
   convolution (``cpu_convolution.py``);
 - depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps
   (MobileNetV2 1.8 -> 0.9 s per step at 256x256, batch 4; docs/models.md).
+- other grouped convolutions (ResNeXt, RegNetY): one batched matrix product over the groups
+  (docs/models.md).
 """
 
 from torch import nn

@@ -24,6 +24,7 @@ that updates a tensor it was not told about. ``runtime.step_graph: retrace`` goe
 tracing every step.
 """
 
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -60,11 +61,14 @@ class GraphReplay:
         self.updated: List[int] = []
         self.slots: List[Slot] = []
         self.keys: List[str] = []
+        self.waited_seconds = 0.0  # in calls, for the previous step to finish (not host work)
 
     def __call__(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         if self.graph is None:
             return self._capture(batch)
+        started = time.perf_counter()
         self.wait()
+        self.waited_seconds += time.perf_counter() - started
         return self._run([self._input(slot, batch) for slot in self.slots])
 
     def _input(self, slot: Slot, batch: Dict[str, Tensor]) -> Tensor:

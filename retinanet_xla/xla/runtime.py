@@ -146,6 +146,14 @@ class Runtime:
         for callback, tensors in pending:
             callback({k: v.item() for k, v in tensors.items()})
 
+    def discard_pending(self) -> None:
+        """Drop every graph traced on this device and not yet run: tensors it would have
+        updated keep no value (``bench --trace-only``, which times tracing alone)."""
+        if self.is_xla:
+            import torch_xla
+
+            torch_xla._XLAC._clear_pending_irs(str(self.device))
+
     def separate_scalars(self, tensors: Iterable[torch.Tensor]) -> None:
         """Give every 0-dim tensor its own device buffer, then sync.
 
