@@ -24,6 +24,7 @@ that updates a tensor it was not told about. ``runtime.step_graph: retrace`` goe
 tracing every step.
 """
 
+import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -126,12 +127,20 @@ class GraphReplay:
                 f"the training step's graph does not read {len(unread)} of the tensors it updates "
                 f"(the first has shape {list(self.state[unread[0]].shape)}); set runtime.step_graph: retrace"
             )
-        self.graph = xla._get_graph_hash(roots)
         # Compiled (or found in the cache) without running, then run on the buffers it was
         # traced from (and a seed drawn like every later one's): this first step's result, and
         # every traced tensor replaced or gone.
         first = [self._input(slot, batch) if slot[0] == "seed" else value for slot, value in zip(self.slots, values)]
-        results = self._run(first, before=lambda: xla._xla_warm_up_cache(roots, []))
+        # The buffers of the state the step updates are donated to its outputs, as a traced
+        # step's are (XLA_ENABLE_PARAM_ALIASING): without, every step would hold the old and the
+        # new weights, momentum and average at once.
+        updated = set(self.updated)
+        for slot, value in zip(self.slots, values):
+            if slot[0] == "state" and slot[1] in updated:
+                xla._set_buffer_donation(value, True)
+        with _donated_buffers_aliased(xla):
+            self.graph = xla._get_graph_hash(roots)
+        results = self._run(first, before=lambda: _compile(xla, roots))
         roots.clear()
         left = xla._xla_tensors_report(1, device)  # more than a device-data node: computed
         if left:  # a change every replay would lose
@@ -140,6 +149,22 @@ class GraphReplay:
                 "set runtime.step_graph: retrace"
             )
         return results
+
+
+def _compile(xla, roots: List[Tensor]) -> None:
+    with _donated_buffers_aliased(xla):
+        xla._xla_warm_up_cache(roots, [])  # compiles (or finds) the graph; runs nothing
+
+
+@contextlib.contextmanager
+def _donated_buffers_aliased(xla):
+    """Graphs hashed and compiled in here alias the buffers marked for donation to outputs."""
+    saved = xla._xla_get_enable_alias_with_buffer_donor_config()
+    xla._xla_set_enable_alias_with_buffer_donor_config(True)
+    try:
+        yield
+    finally:
+        xla._xla_set_enable_alias_with_buffer_donor_config(saved)
 
 
 def _distinct(tensors: Sequence[Tensor]) -> List[Tensor]:
