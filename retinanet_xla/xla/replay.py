@@ -45,6 +45,7 @@ class GraphReplay:
     ``state()``: every tensor the step reads and may update in place. ``after_trace()``: drops
     what the traced step leaves behind that is neither state nor output (gradients). ``launch(run)``: how
     the graph is started, for replicas that must take turns launching a collective graph.
+    ``donate``: the updated state's old buffers become its new values' (see ``_capture``).
     ``wait()``: blocks until this device has finished its work: the cached graph reads its
     inputs' buffers at launch, so the previous step must be done."""
 
@@ -55,8 +56,10 @@ class GraphReplay:
         after_trace: Callable[[], None],
         wait: Callable[[], None],
         launch: Callable[[Callable[[], None]], None] = lambda run: run(),
+        donate: bool = True,
     ):
         self.step, self.state_of, self.after_trace, self.wait, self.launch = step, state, after_trace, wait, launch
+        self.donate = donate
         self.graph: Optional[str] = None
         self.state: List[Tensor] = []
         self.updated: List[int] = []
@@ -131,16 +134,17 @@ class GraphReplay:
         # traced from (and a seed drawn like every later one's): this first step's result, and
         # every traced tensor replaced or gone.
         first = [self._input(slot, batch) if slot[0] == "seed" else value for slot, value in zip(self.slots, values)]
-        # The buffers of the state the step updates are donated to its outputs, as a traced
-        # step's are (XLA_ENABLE_PARAM_ALIASING): without, every step would hold the old and the
-        # new weights, momentum and average at once.
-        updated = set(self.updated)
-        for slot, value in zip(self.slots, values):
-            if slot[0] == "state" and slot[1] in updated:
-                xla._set_buffer_donation(value, True)
-        with _donated_buffers_aliased(xla):
+        # With ``donate``, the buffers of the state the step updates are donated to its new
+        # values, as a traced step's are (XLA_ENABLE_PARAM_ALIASING): without, a step holds the
+        # old and the new weights, momentum and average at once.
+        if self.donate:
+            updated = set(self.updated)
+            for slot, value in zip(self.slots, values):
+                if slot[0] == "state" and slot[1] in updated:
+                    xla._set_buffer_donation(value, True)
+        with _aliasing(xla, self.donate):
             self.graph = xla._get_graph_hash(roots)
-        results = self._run(first, before=lambda: _compile(xla, roots))
+        results = self._run(first, before=lambda: _compile(xla, roots, self.donate))
         roots.clear()
         left = xla._xla_tensors_report(1, device)  # more than a device-data node: computed
         if left:  # a change every replay would lose
@@ -151,16 +155,17 @@ class GraphReplay:
         return results
 
 
-def _compile(xla, roots: List[Tensor]) -> None:
-    with _donated_buffers_aliased(xla):
+def _compile(xla, roots: List[Tensor], donate: bool) -> None:
+    with _aliasing(xla, donate):
         xla._xla_warm_up_cache(roots, [])  # compiles (or finds) the graph; runs nothing
 
 
 @contextlib.contextmanager
-def _donated_buffers_aliased(xla):
-    """Graphs hashed and compiled in here alias the buffers marked for donation to outputs."""
+def _aliasing(xla, donate: bool):
+    """Graphs hashed and compiled in here alias the buffers marked for donation to outputs, or
+    alias nothing (the hash differs: hash and compile under the same setting)."""
     saved = xla._xla_get_enable_alias_with_buffer_donor_config()
-    xla._xla_set_enable_alias_with_buffer_donor_config(True)
+    xla._xla_set_enable_alias_with_buffer_donor_config(donate)
     try:
         yield
     finally:
