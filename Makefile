@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/retinanet-xla data bench --image-size 640 --images 200
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --json runs/bench/smoke-xla.json
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/640-3x.yaml --steps 4 --set 'data.image_size=[256,256]' --set train.batch_size=8 --set model.backbone.weights=null --set runtime.num_devices=1 --json runs/bench/640-3x-trace.json
+	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/640-3x.yaml --steps 8 --trace-only --set 'data.image_size=[256,256]' --set train.batch_size=8 --set model.backbone.weights=null --set runtime.num_devices=1 --json runs/bench/640-3x-trace-only.json
 	$(BIN)/python benchmarks/gcs_reads.py --pairs 3 --latency-ms 30 --json runs/bench/gcs-reads.json
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla bench configs/smoke.yaml --steps 40 --input-pipeline --json runs/bench/smoke-xla-pipeline.json
 	$(BIN)/retinanet-xla bench configs/smoke.yaml --steps 20 --set runtime.device=cpu --json runs/bench/smoke-eager-cpu.json
