@@ -132,3 +132,26 @@ def test_a_step_that_changes_a_tensor_outside_its_state_is_refused():
     with pytest.raises(StepNotReplayable, match="outside its state"):
         replay({"x": torch.ones(8, device=device)})
     torch_xla.sync()
+
+
+def test_bench_trace_only_traces_the_step_and_never_runs_it(tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch_xla.debug.metrics as metrics
+
+    from tests.cli_helpers import run_cli
+
+    def executions():
+        data = metrics.metric_data("ExecuteTime")
+        return data[0] if data else 0
+
+    before = executions()
+    args = ["bench", str(ROOT / "configs" / "smoke.yaml"), "--steps", "4", "--trace-only", "--json", str(tmp_path / "b.json")]
+    for override in TINY:
+        args += ["--set", override]
+    result = run_cli(capsys, monkeypatch, *args)
+    assert result.exit_code == 0, result.stderr[-2000:]
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["step_graph"] == "traced, never run" and bench["trace_seconds"] > 0
+    assert f"tracing the step takes {bench['trace_seconds'] * 1000:.1f} +- " in result.stdout
+    assert executions() - before <= 1  # the weights' placement only: no step ran
