@@ -17,6 +17,15 @@ from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
 from retinanet_xla.xla.cpu_pooling import StemMaxPool
 
 
+def assert_same_values_and_gradients(got, expected, inputs, generator):
+    """``got`` equals ``expected`` in float64, and so do their gradients for one random output
+    gradient, with respect to each of ``inputs``."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kernel, stride, padding, bias",
     [(3, 1, 1, True), (3, 2, 1, False), (1, 1, 0, True), (1, 2, 0, False), (3, 1, 0, True), (3, 2, 0, True)],
@@ -28,11 +37,7 @@ def test_convolution_as_matmul_equals_conv2d_with_gradients(kernel, stride, padd
     b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding)
     got = convolution_as_matmul(x, weight, b, (stride, stride), (padding, padding))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
-    inputs = [x, weight] + ([b] if bias else [])
-    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+    assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, bias", [(3, 1, 1, False), (3, 2, 1, True), (5, 2, 2, False), (5, 1, 2, True)])
@@ -43,11 +48,7 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
     b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding, groups=6)
     got = depthwise_as_taps(x, weight, b, (stride, stride), (padding, padding))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
-    inputs = [x, weight] + ([b] if bias else [])
-    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+    assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 
 @pytest.mark.parametrize(
@@ -60,11 +61,7 @@ def test_grouped_as_matmul_equals_grouped_conv2d_with_gradients(groups, kernel, 
     b = torch.randn(12, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding, groups=groups)
     got = grouped_as_matmul(x, weight, b, (stride, stride), (padding, padding), groups)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
-    inputs = [x, weight] + ([b] if bias else [])
-    for g_got, g_expected in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
-        torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-12)
+    assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 
 def test_only_plain_and_grouped_convolutions_are_converted_and_the_state_dict_stays():

@@ -19,6 +19,7 @@ from retinanet_xla.errors import ConfigError
 from retinanet_xla.training.build import build_train_step
 from retinanet_xla.training.trainer import train_batches
 from retinanet_xla.xla.feed import InputWait, Stopwatch
+from retinanet_xla.xla.runtime import Runtime
 
 DISTINCT_BATCHES = 4
 
@@ -125,10 +126,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
             ]
         ]
     )
-    if replicas.world > 1:
-        times = replicas.gather(times, runtime.device)
-        runtime.sync(collective=True)
-        times = times.cpu()
+    times = _every_replica(times, replicas, runtime)
     step_seconds = float(times[:, 1].max())
     return {
         "device": str(runtime.device),
@@ -178,10 +176,7 @@ def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
     finally:
         batches.close()
     times = torch.tensor([[statistics.mean(traces[1:]), statistics.pstdev(traces[1:])]])  # the first warms Python up
-    if replicas.world > 1:
-        times = replicas.gather(times, runtime.device)
-        runtime.sync(collective=True)
-        times = times.cpu()
+    times = _every_replica(times, replicas, runtime)
     slowest = int(times[:, 0].argmax())
     return {
         "device": str(runtime.device),
@@ -193,3 +188,12 @@ def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
         "trace_seconds": round(float(times[slowest, 0]), 4),
         "trace_seconds_spread": round(float(times[slowest, 1]), 4),
     }
+
+
+def _every_replica(times: torch.Tensor, replicas: Replicas, runtime: Runtime) -> torch.Tensor:
+    """This replica's row of timings, gathered with every other replica's (one row each)."""
+    if replicas.world == 1:
+        return times
+    times = replicas.gather(times, runtime.device)
+    runtime.sync(collective=True)
+    return times.cpu()

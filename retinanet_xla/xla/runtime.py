@@ -73,7 +73,7 @@ class Runtime:
         # A replayed step donates its old weights' buffers to the new ones, as XLA does for a
         # traced step, except on the CPU client: there the aliasing made the smoke step 9%
         # slower (266-271 -> 289-295 ms, alternating pairs), and its memory is the host's.
-        self.donate_step_buffers = not (kind == "xla" and xla_device_type() == "CPU")
+        self.donate_step_buffers = not self.is_xla_cpu
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
         self._after_sync = []
