@@ -333,6 +333,16 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     assert (a["train"]["images"] / "000001.jpg").read_bytes() == (b["train"]["images"] / "000001.jpg").read_bytes()
 
 
+def test_an_image_size_beyond_any_image_is_named_and_dropped(tmp_path):
+    huge = image(2, create=False)
+    huge["width"] = 9.3e18  # found by hypothesis: an int64 overflow in the data worker
+    path, images_dir = write_coco(tmp_path, [image(1), huge], [box(1, [10, 10, 20, 20]), box(2, [10, 10, 20, 20])])
+    Image.new("RGB", (100, 80)).save(images_dir / "2.png")
+    dataset = load_coco(path, images_dir)
+    assert dataset.problems["image wider or taller than 2147483647 pixels"] == 1
+    assert [record.image_id for record in dataset.records] == [1]
+
+
 def test_values_that_crashed_training_or_were_trained_on_wrongly_are_named_and_dropped(tmp_path):
     """Each of these passed ``data check`` or ended in a traceback before."""
     half = image(3, create=False)

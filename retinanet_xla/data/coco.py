@@ -19,6 +19,8 @@ from retinanet_xla import storage
 from retinanet_xla.errors import DatasetError
 from retinanet_xla.storage import Location
 
+MAX_SIDE = 2**31 - 1  # PNG's own limit; JPEG's is 65,535
+
 LABEL_MAPPINGS = ("contiguous", "raw")
 
 
@@ -209,6 +211,9 @@ def load_coco(
         width, height = entry.get("width"), entry.get("height")
         if not (_number(width) and _number(height) and width >= 1 and height >= 1):
             dataset.note("image without a width and height of at least 1 pixel", f"{entry['file_name']}: {width}x{height}")
+            continue
+        if width > MAX_SIDE or height > MAX_SIDE:  # an int64 overflow in the data worker, not an image
+            dataset.note(f"image wider or taller than {MAX_SIDE} pixels", f"{entry['file_name']}: {width}x{height}")
             continue
         images[entry["id"]] = (path, int(width), int(height), [])
 
