@@ -11,6 +11,7 @@ from retinanet_xla.xla.cpu_convolution import (
     convolution_as_matmul,
     depthwise_as_taps,
     grouped_as_matmul,
+    pointwise_as_matmul,
     use_xla_cpu_convolutions,
 )
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
@@ -37,6 +38,17 @@ def test_convolution_as_matmul_equals_conv2d_with_gradients(kernel, stride, padd
     b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding)
     got = convolution_as_matmul(x, weight, b, (stride, stride), (padding, padding))
+    assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
+
+
+@pytest.mark.parametrize("stride, bias", [(1, True), (2, False), (3, True)])
+def test_pointwise_as_matmul_equals_conv2d_with_gradients(stride, bias):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 9, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 5, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    expected = F.conv2d(x, weight, b, stride)
+    got = pointwise_as_matmul(x, weight, b, (stride, stride))
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 
@@ -99,16 +111,16 @@ def test_the_model_has_plain_modules_and_the_adapter_converts_them():
 
 
 @pytest.mark.xla
-def test_on_cpu_xla_small_outputs_become_a_matmul_and_large_ones_stay_convolutions():
+def test_on_cpu_xla_1x1_and_small_outputs_become_a_matmul_and_large_ones_stay_convolutions():
     import torch_xla
 
     device = torch_xla.device()
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 64, 3, padding=1)
-    use_xla_cpu_convolutions(conv)
-    conv_xla = XlaCpuConv2d(16, 64, 3, padding=1).to(device)
-    conv_xla.load_state_dict(conv.state_dict())
-    for size, expect_matmul in ((4, True), (16, False)):  # 2*4*4 = 32 < 64 pixels; 2*16*16 = 512
+    # 2*4*4 = 32 < 64 pixels: a product; 2*16*16 = 512 pixels: a convolution unless it is 1x1.
+    for kernel, padding, size, expect_matmul in ((3, 1, 4, True), (3, 1, 16, False), (1, 0, 16, True)):
+        conv = nn.Conv2d(16, 64, kernel, padding=padding)
+        conv_xla = XlaCpuConv2d(16, 64, kernel, padding=padding).to(device)
+        conv_xla.load_state_dict(conv.state_dict())
         x = torch.randn(2, 16, size, size)
         y = conv_xla(x.to(device))
         hlo = torch_xla._XLAC._get_xla_tensors_hlo([y])

@@ -8,6 +8,10 @@ floats. For ResNet's last stage these relayouts cost more than the convolutions:
 pixels per image. A profile of the smoke step put 16% of the execution threads' time into
 weight relayouts, two thirds of it for those weights.
 
+A 1x1 convolution (ResNet's bottlenecks, MobileNet's and EfficientNet's expansions and
+projections) is always a matrix product: then only whole image planes move (N and C swap),
+instead of every element (channels last).
+
 Where the output has fewer pixels (over the batch) than channels, the im2col matrix is smaller
 than the weight, and the convolution is computed here as ``weight[O, I*kh*kw] @ columns[I*kh*kw,
 N*Ho*Wo]``. The weight is used as it is stored, its gradient comes out in the same order, and
@@ -63,6 +67,21 @@ def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> T
     return _with_bias(out.reshape(out_channels, batch, out_h, out_w).transpose(0, 1), bias)
 
 
+def pointwise_as_matmul(x: Tensor, weight: Tensor, bias, stride) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride)`` for a 1x1 convolution without padding (groups 1)
+    as one matrix product ``weight[O, I] @ x[I, N*Ho*Wo]``. The activations are only moved
+    as whole image planes (N and C swapped), where XLA:CPU's convolution moves every element
+    to put the channels last, for the forward convolution and for both gradients'. ResNet-50's
+    body (batch 4, 256x256, forward and backward) took 2.73 s with XLA's convolutions and 1.0 s
+    with these products (0.78 s eager); MobileNetV2's 0.84 s and 0.54 s (0.22 s eager)."""
+    if stride != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
+    batch, in_channels, height, width = x.shape
+    columns = x.reshape(batch, in_channels, height * width).transpose(0, 1).reshape(in_channels, -1)
+    out = torch.mm(weight.reshape(weight.shape[0], in_channels), columns)
+    return _with_bias(out.reshape(-1, batch, height, width).transpose(0, 1), bias)
+
+
 def depthwise_as_taps(x: Tensor, weight: Tensor, bias, stride, padding) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, groups=C)`` for a depthwise convolution
     (one filter per channel, dilation 1) as a sum over the kernel's taps of shifted input slices
@@ -107,10 +126,12 @@ class XlaCpuDepthwiseConv2d(nn.Conv2d):
 
 
 class XlaCpuConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that computes small-output convolutions as a matrix product (for XLA:CPU
-    only: ``use_xla_cpu_convolutions``). Same parameters and state dict."""
+    """``nn.Conv2d`` that computes 1x1 and small-output convolutions as a matrix product (for
+    XLA:CPU only: ``use_xla_cpu_convolutions``). Same parameters and state dict."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
+        if weight.shape[2:] == (1, 1) and self.padding == (0, 0):
+            return pointwise_as_matmul(x, weight, bias, self.stride)
         out_h = _output_size(x.shape[-2], weight.shape[2], self.stride[0], self.padding[0])
         out_w = _output_size(x.shape[-1], weight.shape[3], self.stride[1], self.padding[1])
         if x.shape[0] * out_h * out_w < weight.shape[0]:

@@ -8,8 +8,10 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
 
 - the 3x3/2 stem max pool, whose gradient XLA lowers to a scalar-loop ``select-and-scatter``
   (51 -> 23 ms forward and backward; ``cpu_pooling.py``);
-- convolutions with fewer output pixels than channels, whose weight relayouts cost more than the
-  convolution (``cpu_convolution.py``);
+- 1x1 convolutions, and others with fewer output pixels than channels, whose relayouts (of the
+  activations to channels last, of the weights) cost more than the convolution: a matrix
+  product (``cpu_convolution.py``; ResNet-50's body 2.7 -> 1.0 s forward and backward at
+  256x256, batch 4);
 - depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps
   (MobileNetV2 1.8 -> 0.9 s per step at 256x256, batch 4; docs/models.md).
 - other grouped convolutions (ResNeXt, RegNetY): one batched matrix product over the groups
