@@ -52,7 +52,10 @@ def test_pointwise_as_matmul_equals_conv2d_with_gradients(stride, bias):
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, bias", [(3, 1, 1, False), (3, 2, 1, True), (5, 2, 2, False), (5, 1, 2, True)])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, bias",
+    [(3, 1, 1, False), (3, 2, 1, True), (5, 2, 2, False), (5, 1, 2, True), (7, 1, 3, False), (3, 2, 0, True)],
+)
 def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, padding, bias):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64, generator=generator, requires_grad=True)

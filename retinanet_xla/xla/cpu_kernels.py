@@ -12,8 +12,8 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
   activations to channels last, of the weights) cost more than the convolution: a matrix
   product (``cpu_convolution.py``; ResNet-50's body 2.7 -> 1.0 s forward and backward at
   256x256, batch 4);
-- depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps
-  (MobileNetV2 1.8 -> 0.9 s per step at 256x256, batch 4; docs/models.md).
+- depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps,
+  whose input gradient is a sum of taps too (docs/models.md).
 - other grouped convolutions (ResNeXt, RegNetY): one batched matrix product over the groups
   (docs/models.md).
 """
