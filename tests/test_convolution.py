@@ -10,7 +10,7 @@ from retinanet_xla.xla.cpu_convolution import (
     XlaCpuGroupedConv2d,
     convolution_as_matmul,
     depthwise_as_taps,
-    grouped_as_matmul,
+    grouped_as_convolutions,
     pointwise_as_matmul,
     use_xla_cpu_convolutions,
 )
@@ -69,13 +69,13 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
 @pytest.mark.parametrize(
     "groups, kernel, stride, padding, bias", [(2, 3, 1, 1, False), (3, 3, 2, 1, True), (6, 1, 1, 0, True), (2, 3, 2, 0, False)]
 )
-def test_grouped_as_matmul_equals_grouped_conv2d_with_gradients(groups, kernel, stride, padding, bias):
+def test_grouped_as_convolutions_equals_grouped_conv2d_with_gradients(groups, kernel, stride, padding, bias):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(12, 6 // groups, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
     b = torch.randn(12, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding, groups=groups)
-    got = grouped_as_matmul(x, weight, b, (stride, stride), (padding, padding), groups)
+    got = grouped_as_convolutions(x, weight, b, (stride, stride), (padding, padding), groups)
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 

@@ -14,7 +14,7 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
   256x256, batch 4);
 - depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps,
   whose input gradient is a sum of taps too (docs/models.md).
-- other grouped convolutions (ResNeXt, RegNetY): one batched matrix product over the groups
+- other grouped convolutions (ResNeXt, RegNetY): one ordinary convolution per group
   (docs/models.md).
 """
 
