@@ -11,7 +11,6 @@ from retinanet_xla.xla.cpu_convolution import (
     convolution_as_matmul,
     depthwise_as_taps,
     grouped_as_convolutions,
-    pointwise_as_matmul,
     use_xla_cpu_convolutions,
 )
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
@@ -38,17 +37,6 @@ def test_convolution_as_matmul_equals_conv2d_with_gradients(kernel, stride, padd
     b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(x, weight, b, stride, padding)
     got = convolution_as_matmul(x, weight, b, (stride, stride), (padding, padding))
-    assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
-
-
-@pytest.mark.parametrize("stride, bias", [(1, True), (2, False), (3, True)])
-def test_pointwise_as_matmul_equals_conv2d_with_gradients(stride, bias):
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 5, 9, 7, dtype=torch.float64, generator=generator, requires_grad=True)
-    weight = torch.randn(6, 5, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
-    expected = F.conv2d(x, weight, b, stride)
-    got = pointwise_as_matmul(x, weight, b, (stride, stride))
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
 
 

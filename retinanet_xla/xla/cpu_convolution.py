@@ -10,8 +10,11 @@ pixels per image. A profile of the smoke step put 16% of the execution threads' 
 weight relayouts, two thirds of it for those weights.
 
 A 1x1 convolution (ResNet's bottlenecks, MobileNet's and EfficientNet's expansions and
-projections) is always a matrix product: then only whole image planes move (N and C swap),
-instead of every element (channels last).
+projections) is always a matrix product (its im2col matrix is the input itself): then only
+whole image planes move (N and C swap), where XLA:CPU's convolution moves every element to put
+the channels last, for the forward convolution and for both gradients'. ResNet-50's body
+(batch 4, 256x256, forward and backward) took 2.73 s with XLA's convolutions and 1.0 s with
+these products (0.78 s eager); MobileNetV2's 0.84 s and 0.54 s (0.22 s eager).
 
 Where the output has fewer pixels (over the batch) than channels, the im2col matrix is smaller
 than the weight, and the convolution is computed here as ``weight[O, I*kh*kw] @ columns[I*kh*kw,
@@ -68,21 +71,6 @@ def convolution_as_matmul(x: Tensor, weight: Tensor, bias, stride, padding) -> T
     return _with_bias(out.reshape(out_channels, batch, out_h, out_w).transpose(0, 1), bias)
 
 
-def pointwise_as_matmul(x: Tensor, weight: Tensor, bias, stride) -> Tensor:
-    """``F.conv2d(x, weight, bias, stride)`` for a 1x1 convolution without padding (groups 1)
-    as one matrix product ``weight[O, I] @ x[I, N*Ho*Wo]``. The activations are only moved
-    as whole image planes (N and C swapped), where XLA:CPU's convolution moves every element
-    to put the channels last, for the forward convolution and for both gradients'. ResNet-50's
-    body (batch 4, 256x256, forward and backward) took 2.73 s with XLA's convolutions and 1.0 s
-    with these products (0.78 s eager); MobileNetV2's 0.84 s and 0.54 s (0.22 s eager)."""
-    if stride != (1, 1):
-        x = x[:, :, :: stride[0], :: stride[1]]
-    batch, in_channels, height, width = x.shape
-    columns = x.reshape(batch, in_channels, height * width).transpose(0, 1).reshape(in_channels, -1)
-    out = torch.mm(weight.reshape(weight.shape[0], in_channels), columns)
-    return _with_bias(out.reshape(-1, batch, height, width).transpose(0, 1), bias)
-
-
 def _sum_of_taps(x: Tensor, weight: Tensor, stride, padding) -> Tensor:
     kernel_h, kernel_w = weight.shape[2:]
     out = None
@@ -95,7 +83,6 @@ def _sum_of_taps(x: Tensor, weight: Tensor, stride, padding) -> Tensor:
 def _spread(grad: Tensor, stride, height: int, width: int) -> Tensor:
     """``grad`` with ``stride - 1`` zeros after each row and column, cut or zero-padded to
     ``height`` x ``width``: the output gradient on the stride-1 grid of window positions."""
-    batch, channels = grad.shape[:2]
     for dim, step in ((3, stride[1]), (2, stride[0])):
         if step > 1:
             size = list(grad.shape)
@@ -176,11 +163,10 @@ class XlaCpuConv2d(nn.Conv2d):
     XLA:CPU only: ``use_xla_cpu_convolutions``). Same parameters and state dict."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
-        if weight.shape[2:] == (1, 1) and self.padding == (0, 0):
-            return pointwise_as_matmul(x, weight, bias, self.stride)
         out_h = _output_size(x.shape[-2], weight.shape[2], self.stride[0], self.padding[0])
         out_w = _output_size(x.shape[-1], weight.shape[3], self.stride[1], self.padding[1])
-        if x.shape[0] * out_h * out_w < weight.shape[0]:
+        pointwise = weight.shape[2:] == (1, 1) and self.padding == (0, 0)
+        if pointwise or x.shape[0] * out_h * out_w < weight.shape[0]:
             return convolution_as_matmul(x, weight, bias, self.stride, self.padding)
         return super()._conv_forward(x, weight, bias)
 
