@@ -11,6 +11,7 @@ from retinanet_xla.xla.cpu_convolution import (
     convolution_as_matmul,
     depthwise_as_taps,
     grouped_as_convolutions,
+    materialized,
     use_xla_cpu_convolutions,
 )
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
@@ -52,6 +53,19 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
     expected = F.conv2d(x, weight, b, stride, padding, groups=6)
     got = depthwise_as_taps(x, weight, b, (stride, stride), (padding, padding))
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
+
+
+def test_materialized_is_exactly_its_input_with_its_gradient_and_keeps_its_dtype_under_autocast():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    got = materialized(x)
+    assert torch.equal(got, x)
+    grad = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], grad)
+    single = torch.randn(4, 9, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = materialized(single)
+    assert kept.dtype == torch.float32 and torch.equal(kept, single)
 
 
 @pytest.mark.parametrize(

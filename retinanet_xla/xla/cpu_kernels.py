@@ -15,12 +15,15 @@ model: the same parameters and state dict, with the two kernels XLA:CPU runs slo
 - depthwise convolutions, which XLA:CPU's grouped convolution runs slowly: a sum of shifted taps,
   whose input gradient is a sum of taps too (docs/models.md).
 - other grouped convolutions (ResNeXt, RegNetY): one ordinary convolution per group
-  (docs/models.md).
+  (docs/models.md);
+- linear layers (ConvNeXt's MLPs), whose bias gradient XLA:CPU sums one column at a time: the
+  bias becomes a column of the weight's matrix product (``cpu_linear.py``).
 """
 
 from torch import nn
 
 from retinanet_xla.xla.cpu_convolution import use_xla_cpu_convolutions
+from retinanet_xla.xla.cpu_linear import use_xla_cpu_linears
 from retinanet_xla.xla.cpu_pooling import use_separable_stem_pools
 
 
@@ -28,4 +31,5 @@ def use_xla_cpu_kernels(model: nn.Module) -> nn.Module:
     """Convert ``model`` in place for XLA:CPU and return it."""
     use_separable_stem_pools(model)
     use_xla_cpu_convolutions(model)
+    use_xla_cpu_linears(model)
     return model
