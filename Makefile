@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-fast demo bench bench-backbones clean
 
+# --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
+# pip's cache; a CI run on a full disk failed with ENOSPC during this install.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
