@@ -8,6 +8,8 @@ from retinanet_xla.xla.cpu_convolution import (
     XlaCpuConv2d,
     XlaCpuDepthwiseConv2d,
     XlaCpuGroupedConv2d,
+    _weight_gradient_by_rows,
+    _weight_gradient_by_taps,
     convolution_as_matmul,
     depthwise_as_taps,
     grouped_as_convolutions,
@@ -53,6 +55,32 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
     expected = F.conv2d(x, weight, b, stride, padding, groups=6)
     got = depthwise_as_taps(x, weight, b, (stride, stride), (padding, padding))
     assert_same_values_and_gradients(got, expected, [x, weight] + ([b] if bias else []), generator)
+
+
+@pytest.mark.parametrize("kernel, padding, width", [(7, 3, 20), (3, 1, 16), (5, 2, 3), (3, 0, 17), (1, 0, 4)])
+def test_both_depthwise_weight_gradients_equal_conv2d_weight(kernel, padding, width):
+    """The per-tap sums and the per-row products (stride 1), which depthwise_as_taps picks
+    between by the output's width, against torch's own weight gradient, in float64."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 6, width, dtype=torch.float64, generator=generator)
+    out_h, out_w = 6 + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1
+    grad = torch.randn(2, 5, out_h, out_w, dtype=torch.float64, generator=generator)
+    expected = torch.nn.grad.conv2d_weight(x, (5, 1, kernel, kernel), grad, 1, padding, 1, 5).reshape(5, -1)
+    by_rows = _weight_gradient_by_rows(x, grad, (kernel, kernel), (padding, padding))
+    by_taps = _weight_gradient_by_taps(x, grad, (kernel, kernel), (1, 1), (padding, padding))
+    torch.testing.assert_close(by_rows, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(by_taps, expected, rtol=0, atol=1e-12)
+
+
+def test_depthwise_as_taps_on_a_wide_input_equals_grouped_conv2d_with_gradients():
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 5, 21, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 1, 7, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True)
+    expected = F.conv2d(x, weight, b, 1, 3, groups=6)
+    got = depthwise_as_taps(x, weight, b, (1, 1), (3, 3))
+    assert got.shape[3] >= 16  # the per-row products
+    assert_same_values_and_gradients(got, expected, [x, weight, b], generator)
 
 
 def test_materialized_is_exactly_its_input_with_its_gradient_and_keeps_its_dtype_under_autocast():
