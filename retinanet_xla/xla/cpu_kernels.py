@@ -3,7 +3,7 @@
 ``RetinaNet`` is built from plain torchvision modules on every backend: ``print(model)`` and
 every export look the same everywhere. Where a train or evaluation step is built on XLA:CPU
 (CI, ``make demo``, a user's first run), the runtime calls ``use_xla_cpu_kernels`` on the built
-model: the same parameters and state dict, with the two kernels XLA:CPU runs slowly replaced
+model: the same parameters and state dict, with the kernels XLA:CPU runs slowly replaced
 (measured on the smoke step, docs/performance.md):
 
 - the 3x3/2 stem max pool, whose gradient XLA lowers to a scalar-loop ``select-and-scatter``

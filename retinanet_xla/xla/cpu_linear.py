@@ -7,7 +7,7 @@ gradient fused in: 43-46 ms for ConvNeXt-T's 4x32x32x768 hidden gradient at batc
 longer than the matrix products around it. Written as ``[x, 1] @ [W, b]^T``, the bias gradient is
 the last column of the weight gradient's matrix product (``grad^T @ [x, 1]``), which reads the
 gradient once. The result is ``F.linear``'s to rounding: the bias is added inside the product's
-sum. ConvNeXt-T's body, forward and backward: 1.89 -> 1.39 s (eager 0.79 s).
+sum. ConvNeXt-T's body, forward and backward: 1.89 -> 1.46-1.48 s (eager 0.79 s).
 
 Only on XLA's CPU backend (``cpu_kernels.use_xla_cpu_kernels``); exports and every other backend
 see ``nn.Linear``.
