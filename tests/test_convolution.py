@@ -60,7 +60,8 @@ def test_depthwise_as_taps_equals_grouped_conv2d_with_gradients(kernel, stride, 
 @pytest.mark.parametrize("kernel, padding, width", [(7, 3, 20), (3, 1, 16), (5, 2, 3), (3, 0, 17), (1, 0, 4)])
 def test_both_depthwise_weight_gradients_equal_conv2d_weight(kernel, padding, width):
     """The per-tap sums and the per-row products (stride 1), which depthwise_as_taps picks
-    between by the output's width, against torch's own weight gradient, in float64."""
+    between by the kernel's size and the output's width, against torch's own weight gradient,
+    in float64."""
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(2, 5, 6, width, dtype=torch.float64, generator=generator)
     out_h, out_w = 6 + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1

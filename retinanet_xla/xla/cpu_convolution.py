@@ -107,22 +107,24 @@ def _weight_gradient_by_rows(x: Tensor, grad: Tensor, kernel, padding) -> Tensor
     strided slice of P flattened."""
     (kernel_h, kernel_w), (pad_h, pad_w) = kernel, padding
     batch, channels, out_h, out_w = grad.shape
-    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
-    width = padded.shape[3]
     dtype = torch.promote_types(x.dtype, grad.dtype)
+    padded = F.pad(x.to(dtype), (pad_w, pad_w, pad_h, pad_h))
+    width = padded.shape[3]  # out_w + kernel_w - 1
     with torch.autocast(device_type=x.device.type, enabled=False):
         grad_rows = grad.to(dtype).transpose(0, 1).reshape(channels, batch * out_h, out_w)
+        span = out_w * (out_w + 1)  # one diagonal: out_w elements, out_w + 1 apart
         rows = []
         for i in range(kernel_h):
-            input_rows = padded[:, :, i : i + out_h].to(dtype).transpose(0, 1).reshape(channels, batch * out_h, width)
+            input_rows = padded[:, :, i : i + out_h].transpose(0, 1).reshape(channels, batch * out_h, width)
             products = torch.bmm(input_rows.transpose(1, 2), grad_rows).reshape(channels, width * out_w)
-            # Diagonal j starts at j * out_w and steps out_w + 1; pad so the last one fits.
-            products = F.pad(products, (0, max(0, (kernel_w - 1) * out_w + out_w * (out_w + 1) - width * out_w)))
-            diagonals = [
-                products[:, j * out_w : j * out_w + out_w * (out_w + 1)].reshape(channels, out_w, out_w + 1)
+            # Diagonal j starts at j * out_w and steps out_w + 1, so the last one (j = kernel_w -
+            # 1) ends out_w elements past the end: pad by that much.
+            products = F.pad(products, (0, out_w))
+            taps = [
+                products[:, j * out_w : j * out_w + span].reshape(channels, out_w, out_w + 1)[:, :, 0].sum(1)
                 for j in range(kernel_w)
             ]
-            rows.append(torch.stack([diagonal[:, :, 0].sum(1) for diagonal in diagonals], 1))
+            rows.append(torch.stack(taps, 1))
     return torch.cat(rows, 1)
 
 
