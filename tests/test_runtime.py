@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retinanet_xla.data import DatasetError
-from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client
+from retinanet_xla.xla import runtime as runtime_module
+from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client, resolve_device
 
 
 def failing_host_batches():
@@ -81,3 +82,50 @@ def test_closing_the_batches_ends_the_host_stream():
     assert closed.is_set()  # before close() returns: no thread is left inside torch_xla at exit
     with pytest.raises(StopIteration):
         next(batches)
+
+
+@pytest.mark.parametrize(
+    "setting, pjrt_device, chips, cuda, expected",
+    [
+        ("auto", "CPU", False, True, "xla"),  # PJRT_DEVICE names XLA's device, even beside a GPU
+        ("auto", None, True, False, "xla"),  # a TPU VM where PJRT_DEVICE is not set
+        ("auto", None, False, True, "cuda"),
+        ("auto", None, False, False, "cpu"),
+        ("xla", None, False, False, "xla"),  # an explicit device is never second-guessed
+        ("cpu", "TPU", True, True, "cpu"),
+    ],
+)
+def test_runtime_device_auto_is_xla_where_xla_has_a_device_else_cuda_else_cpu(
+    monkeypatch, setting, pjrt_device, chips, cuda, expected
+):
+    if pjrt_device is None:
+        monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("PJRT_DEVICE", pjrt_device)
+    monkeypatch.setattr(runtime_module, "tpu_chips_present", lambda: chips)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_device(setting) == expected
+
+
+def test_no_tpu_chips_are_seen_on_this_machine():
+    """CI's machine has no TPU: were this wrong, ``auto`` would start XLA's TPU client here."""
+    assert runtime_module.tpu_chips_present() is False
+
+
+def test_bench_with_device_auto_and_no_pjrt_device_runs_the_eager_step(tmp_path):
+    """Through the real CLI in a fresh process: without PJRT_DEVICE and without a TPU, ``auto``
+    runs the step eagerly (the same command with ``xla`` reports an ``xla:0`` device)."""
+    import json
+    import subprocess
+
+    from tests.cli_helpers import ROOT, SCRIPT, TINY
+
+    command = [str(SCRIPT), "bench", str(ROOT / "configs" / "smoke.yaml"), "--steps", "2", "--json", str(tmp_path / "b.json")]
+    for override in (*TINY, "runtime.device=auto"):
+        command += ["--set", override]
+    env = {key: value for key, value in os.environ.items() if key != "PJRT_DEVICE"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((tmp_path / "b.json").read_text())
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert bench["device"].startswith(expected) and bench["step_graph"] == "eager" and bench["step_seconds"] > 0

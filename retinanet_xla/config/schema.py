@@ -17,7 +17,7 @@ MODEL_PARTS = ("backbone", "fpn", "head")
 P6_INPUTS = ("p5", "c5")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
-DEVICES = ("xla", "cpu", "cuda")
+DEVICES = ("xla", "cpu", "cuda", "auto")
 STEP_GRAPHS = ("replay", "retrace")
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 
@@ -318,7 +318,7 @@ class EvalConfig(PostprocessConfig):
 
 @dataclass
 class RuntimeConfig:
-    device: str = "xla"  # xla | cpu | cuda (cpu/cuda: the same loop, eager, for debugging)
+    device: str = "xla"  # xla | cpu | cuda (eager, the same loop) | auto (xla on a TPU or with PJRT_DEVICE, else cuda, else cpu)
     num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: torch_xla profiler trace of those train steps

@@ -26,7 +26,7 @@ from retinanet_xla.config import Config
 from retinanet_xla.distributed.launch_order import launch_order
 from retinanet_xla.distributed.replicas import Replicas, current_replicas
 from retinanet_xla.errors import STOP_SIGNALS, RunFailed, UserError
-from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client
+from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client, resolve_device
 
 
 class ReplicaFailed(RunFailed):
@@ -84,7 +84,7 @@ def local_replica_count(device: str, num_devices: Optional[int]) -> Optional[int
     must not touch the device before ``xmp.spawn``): 1 off XLA; on the CPU client,
     ``num_devices`` or else ``CPU_NUM_DEVICES``; on TPU, ``num_devices``, or None for all of the
     host's."""
-    if device != "xla":
+    if resolve_device(device) != "xla":
         return 1
     if num_devices is not None or os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU":
         return num_devices

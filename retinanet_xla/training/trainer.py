@@ -31,6 +31,7 @@ from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck,
 from retinanet_xla.training.init_from import initialize_from
 from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
 from retinanet_xla.xla.feed import InputWait, Stopwatch
+from retinanet_xla.xla.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
@@ -104,7 +105,7 @@ class Trainer:
         self.config, self.output_dir, self.replicas = config, storage.location(output_dir), replicas
         self.run_files = StagedDirectory(self.output_dir)  # logs, config, summary; local when the output is
         world_size = replicas.world
-        if config.runtime.num_devices not in (None, world_size) and config.runtime.device == "xla":
+        if config.runtime.num_devices not in (None, world_size) and resolve_device(config.runtime.device) == "xla":
             raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
         check_batch_sizes(config, replicas)  # before anything is built
         local = self.run_files.local

@@ -22,6 +22,25 @@ class GraphLaunchOrder(Protocol):
     def run(self, rank: int, launch: Callable[[], None]) -> None: ...
 
 
+def resolve_device(setting: str) -> str:
+    """``runtime.device`` as the kind of device to use: ``auto`` is ``xla`` where XLA has a
+    device to run on (``PJRT_DEVICE`` set, or a TPU VM's chips under ``/dev``), else ``cuda``
+    when a CUDA device is available, else eager ``cpu``, whose step is faster than XLA:CPU's
+    for every shipped backbone (docs/models.md). Resolved where it is used, never stored: a
+    checkpoint's config says ``auto`` and the machine that loads it decides."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("PJRT_DEVICE") or tpu_chips_present():
+        return "xla"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tpu_chips_present() -> bool:
+    """A TPU VM's chips: ``/dev/accel*`` (v2-v4) or VFIO groups (v5e and later)."""
+    dev = Path("/dev")
+    return any(dev.glob("accel[0-9]*")) or any((dev / "vfio").glob("[0-9]*"))
+
+
 @functools.cache
 def xla_device_type() -> str:
     """``TPU``, ``CPU`` (the PJRT CPU client), ...: the backend of this process's XLA devices."""
@@ -69,6 +88,7 @@ class Runtime:
         order: Optional[GraphLaunchOrder] = None,
         step_graph: str = "replay",
     ):
+        kind = resolve_device(kind)
         self.kind, self.step_graph = kind, step_graph
         # A replayed step donates its old weights' buffers to the new ones, as XLA does for a
         # traced step, except on the CPU client: there the aliasing made the smoke step 9%
