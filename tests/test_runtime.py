@@ -1,6 +1,8 @@
 """The runtime: its batch stream (what the loop sees, what taking a batch costs) and how it sets up the CPU client."""
 
+import json
 import os
+import subprocess
 import threading
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from retinanet_xla.data import DatasetError
 from retinanet_xla.xla import runtime as runtime_module
 from retinanet_xla.xla.runtime import Runtime, prefer_nonblocking_cpu_client, resolve_device
+from tests.cli_helpers import ROOT, SCRIPT, TINY
 
 
 def failing_host_batches():
@@ -115,11 +118,6 @@ def test_no_tpu_chips_are_seen_on_this_machine():
 def test_bench_with_device_auto_and_no_pjrt_device_runs_the_eager_step(tmp_path):
     """Through the real CLI in a fresh process: without PJRT_DEVICE and without a TPU, ``auto``
     runs the step eagerly (the same command with ``xla`` reports an ``xla:0`` device)."""
-    import json
-    import subprocess
-
-    from tests.cli_helpers import ROOT, SCRIPT, TINY
-
     command = [str(SCRIPT), "bench", str(ROOT / "configs" / "smoke.yaml"), "--steps", "2", "--json", str(tmp_path / "b.json")]
     for override in (*TINY, "runtime.device=auto"):
         command += ["--set", override]
