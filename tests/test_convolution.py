@@ -95,6 +95,11 @@ def test_materialized_is_exactly_its_input_with_its_gradient_and_keeps_its_dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kept = materialized(single)
     assert kept.dtype == torch.float32 and torch.equal(kept, single)
+    # 2 * 4 * 6 * 10 elements: the product runs over rows of 16, across the image's rows of 10.
+    rows_of_16 = torch.randn(2, 4, 6, 10, dtype=torch.float64, generator=generator, requires_grad=True)
+    grad = torch.randn(rows_of_16.shape, dtype=torch.float64, generator=generator)
+    got = materialized(rows_of_16)
+    assert torch.equal(got, rows_of_16) and torch.equal(torch.autograd.grad(got, rows_of_16, grad)[0], grad)
 
 
 @pytest.mark.parametrize(
@@ -183,6 +188,7 @@ def test_the_train_step_built_on_xla_cpu_uses_the_cpu_kernels():
     step = build_train_step(config, runtime)
     assert isinstance(step.model.backbone.body.maxpool, StemMaxPool)
     assert isinstance(step.model.backbone.body.layer4[1].conv2, XlaCpuConv2d)
+    assert type(step.model.backbone.body.layer3[0]).__name__ == "XlaCpuBasicBlock"  # cpu_residuals
     batch = {
         "images": torch.zeros(4, 3, 64, 64, dtype=torch.uint8, device=runtime.device),
         "boxes": torch.tensor([[[4.0, 4.0, 30.0, 30.0]] * 4] * 4, device=runtime.device),

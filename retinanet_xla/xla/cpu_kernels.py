@@ -17,7 +17,9 @@ model: the same parameters and state dict, with the kernels XLA:CPU runs slowly 
 - other grouped convolutions (ResNeXt, RegNetY): one ordinary convolution per group
   (docs/models.md);
 - linear layers (ConvNeXt's MLPs), whose bias gradient XLA:CPU sums one column at a time: the
-  bias becomes a column of the weight's matrix product (``cpu_linear.py``).
+  bias becomes a column of the weight's matrix product (``cpu_linear.py``);
+- residual blocks, whose output XLA:CPU would recompute from the stage's start in every fusion
+  that reads it: it is computed once (``cpu_residuals.py``).
 """
 
 from torch import nn
@@ -25,6 +27,7 @@ from torch import nn
 from retinanet_xla.xla.cpu_convolution import use_xla_cpu_convolutions
 from retinanet_xla.xla.cpu_linear import use_xla_cpu_linears
 from retinanet_xla.xla.cpu_pooling import use_separable_stem_pools
+from retinanet_xla.xla.cpu_residuals import use_materialized_residual_blocks
 
 
 def use_xla_cpu_kernels(model: nn.Module) -> nn.Module:
@@ -32,4 +35,5 @@ def use_xla_cpu_kernels(model: nn.Module) -> nn.Module:
     use_separable_stem_pools(model)
     use_xla_cpu_convolutions(model)
     use_xla_cpu_linears(model)
+    use_materialized_residual_blocks(model)
     return model
