@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from retinanet_xla.xla.cpu_kernels import use_xla_cpu_kernels
+from retinanet_xla.xla.cpu_memory import keep_freed_memory
 from retinanet_xla.xla.feed import DeviceFeed, TimedBatches
 from retinanet_xla.xla.replay import GraphReplay, Step
 
@@ -94,6 +95,8 @@ class Runtime:
         # traced step, except on the CPU client: there the aliasing made the smoke step 9%
         # slower (266-271 -> 289-295 ms, alternating pairs), and its memory is the host's.
         self.donate_step_buffers = not self.is_xla_cpu
+        if self.is_xla_cpu:
+            keep_freed_memory()  # the step's buffers, reused every step: cpu_memory.py
         self.rank, self.order = rank, order  # order: set when replicas are threads of this process
         self.compile_cache = None
         self._after_sync = []
