@@ -39,11 +39,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-        is_glibc = hasattr(libc, "gnu_get_libc_version")  # elsewhere these numbers mean other things
-    except (OSError, AttributeError, TypeError):
+    except (OSError, TypeError):
         return False
-    if not is_glibc:
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: these numbers mean other things
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
