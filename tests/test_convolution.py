@@ -73,19 +73,6 @@ def test_both_depthwise_weight_gradients_equal_conv2d_weight(kernel, padding, wi
     torch.testing.assert_close(by_taps, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [(5, 2, 2), (3, 2, 1), (3, 3, 0)])
-def test_strided_depthwise_weight_gradient_by_taps_equals_conv2d_weight(kernel, stride, padding):
-    """EfficientNet's and MobileNet's stride-2 depthwise convolutions take the per-tap sums
-    whatever their size (the per-row products are for stride 1)."""
-    generator = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 4, 11, 9, dtype=torch.float64, generator=generator)
-    out_h, out_w = (11 + 2 * padding - kernel) // stride + 1, (9 + 2 * padding - kernel) // stride + 1
-    grad = torch.randn(3, 4, out_h, out_w, dtype=torch.float64, generator=generator)
-    expected = torch.nn.grad.conv2d_weight(x, (4, 1, kernel, kernel), grad, stride, padding, 1, 4).reshape(4, -1)
-    got = _weight_gradient_by_taps(x, grad, (kernel, kernel), (stride, stride), (padding, padding))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-
-
 def test_depthwise_as_taps_on_a_wide_input_equals_grouped_conv2d_with_gradients():
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(2, 6, 5, 21, dtype=torch.float64, generator=generator, requires_grad=True)
