@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo bench bench-backbones clean
+.PHONY: install lint test test-fast demo bench bench-backbones bench-ratios clean
 
 # --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
 # pip's cache; a CI run on a full disk failed with ENOSPC during this install.
@@ -61,6 +61,11 @@ bench: $(STAMP)
 # Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 bench-backbones: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/backbones.py --steps 6 --json runs/bench/backbones.json
+
+# Every backbone's XLA:CPU step against its eager step at 256x256, batch 4, in alternating pairs
+# (docs/models.md; 30 minutes to 2 hours on a 2-core VM, by its speed).
+bench-ratios: $(STAMP)
+	PJRT_DEVICE=CPU $(BIN)/python benchmarks/xla_vs_eager.py --pairs 2 --json runs/bench/xla-vs-eager.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -11,21 +11,15 @@ one network's compilations do not count towards the next.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from bench_runs import SMOKE, bench_in_own_process
 from torch.utils.flop_counter import FlopCounterMode
 
 from retinanet_xla.commands.bench import benchmark
 from retinanet_xla.config import load_config
 from retinanet_xla.models import BACKBONES, RetinaNet
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def size_and_flops(name: str) -> dict:
@@ -45,12 +39,7 @@ def eager_step(name: str, steps: int) -> float:
 
 
 def xla_step(name: str, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "bench.json"
-        command = [sys.executable, "-m", "retinanet_xla.cli", "bench", str(SMOKE), "--steps", str(steps)]
-        command += ["--set", f"model.backbone.name={name}", "--json", str(out)]
-        subprocess.run(command, check=True, env={**os.environ, "PJRT_DEVICE": "CPU"}, capture_output=True)
-        result = json.loads(out.read_text())
+    result = bench_in_own_process([f"model.backbone.name={name}"], steps)
     return {k: result[k] for k in ("step_seconds", "first_step_seconds", "compilations_total", "compilations_after_warmup")}
 
 

@@ -1,0 +1,28 @@
+"""`retinanet-xla bench` in a process of its own, for the benchmarks that compare networks: one
+network's compilations and memory then do not count towards the next."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def bench_in_own_process(settings: List[str], steps: int, config: Path = SMOKE) -> dict:
+    """`bench CONFIG --steps STEPS --set ...` on PJRT_DEVICE=CPU; its JSON result, or exit with
+    the run's error."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "bench.json"
+        command = [sys.executable, "-m", "retinanet_xla.cli", "bench", str(config), "--steps", str(steps), "--json", str(out)]
+        for setting in settings:
+            command += ["--set", setting]
+        # From the checkout's root, `-m` imports this checkout's package: the code measured.
+        finished = subprocess.run(command, env={**os.environ, "PJRT_DEVICE": "CPU"}, cwd=ROOT, capture_output=True, text=True)
+        if finished.returncode != 0:
+            sys.exit(f"bench {' '.join(settings)}: failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
+        return json.loads(out.read_text())
