@@ -112,7 +112,7 @@ def main() -> None:
     for name in args.only:
         rows.append(measure(name, args))
         print(json.dumps(rows[-1]), flush=True)
-        if args.json:  # written after every network: a sweep takes hours, and may be cut short
+        if args.json:  # written after every network: a sweep takes half an hour or more, and may be cut short
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
