@@ -13,12 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-def bench_in_own_process(settings: List[str], steps: int, config: Path = SMOKE) -> dict:
-    """`bench CONFIG --steps STEPS --set ...` on PJRT_DEVICE=CPU; its JSON result, or exit with
+def bench_in_own_process(settings: List[str], steps: int) -> dict:
+    """`bench configs/smoke.yaml --steps STEPS --set ...` on PJRT_DEVICE=CPU; its JSON result, or exit with
     the run's error."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "bench.json"
-        command = [sys.executable, "-m", "retinanet_xla.cli", "bench", str(config), "--steps", str(steps), "--json", str(out)]
+        command = [sys.executable, "-m", "retinanet_xla.cli", "bench", str(SMOKE), "--steps", str(steps), "--json", str(out)]
         for setting in settings:
             command += ["--set", setting]
         # From the checkout's root, `-m` imports this checkout's package: the code measured.

@@ -1,5 +1,5 @@
 """Every backbone's training step on XLA:CPU against its eager CPU step, in alternating pairs
-(`make bench-ratios`; docs/models.md, "Each family on XLA:CPU against eager").
+(`make bench-ratios`; docs/models.md, "Every backbone in alternating pairs").
 
 The step is `retinanet-xla bench configs/smoke.yaml` with only the body swapped, at the size
 the XLA:CPU kernel adapter was tuned at (256x256, batch 4, no ImageNet weights). Every run is a
