@@ -45,7 +45,7 @@ def bench(name: str, device: str, args: argparse.Namespace) -> dict:
         "model.backbone.weights=null",
         f"runtime.device={device}",
     ]
-    return bench_in_own_process(settings, args.steps)
+    return bench_in_own_process(settings, args.steps, on_xla=device == "xla")
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -65,6 +65,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
                 "xla_first_step_seconds": xla["first_step_seconds"],
                 "xla_compile_seconds": xla["compile_seconds"],
                 "xla_compilations": xla["compilations_total"],
+                "xla_page_faults_per_step": xla["page_faults_per_step"],
+                "eager_page_faults_per_step": eager["page_faults_per_step"],
             }
         )
     ratios = [p["ratio"] for p in pairs]

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from retinanet_xla.models.retinanet import RetinaNet  # noqa: E402
-
 __all__ = ["RetinaNet", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, not with the package: the console script's launcher
+    # (``__main__.py``) decides on its process's environment before torch is loaded.
+    if name == "RetinaNet":
+        from retinanet_xla.models.retinanet import RetinaNet
+
+        return RetinaNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

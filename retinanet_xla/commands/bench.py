@@ -4,6 +4,8 @@ The first thing to run on a new TPU VM: it shows the compile time, the steady st
 images/s, and whether anything recompiles, before any data is in place.
 """
 
+import os
+import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -96,6 +98,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
     first_step = clock.seconds()
     compiled_at_warmup, input_wait = runtime.compilations(), InputWait(runtime, batches)
     warm, traces = Stopwatch(), []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps - 1):
         batch = next(batches)
         # The host's time in the step call: on XLA, launching the replayed graph or tracing it
@@ -107,6 +110,7 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         runtime.sync(collective=True)
     runtime.wait()
     warm_seconds = warm.seconds()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     waits = input_wait.fractions()
     compiled = runtime.compilations()
     final_loss = float(outputs["loss"].cpu())
@@ -156,6 +160,11 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
         **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
         "final_loss": final_loss,
+        # The process's (every replica's, where they are threads) minor page faults per warm
+        # step: memory mapped afresh every step, which a steady step should not need
+        # (xla/cpu_memory.py).
+        "page_faults_per_step": round(faults / (steps - 1)),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
 
