@@ -27,9 +27,9 @@ def resolve_device(setting: str) -> str:
     """``runtime.device`` as the kind of device to use: ``auto`` is ``xla`` where XLA has a
     device to run on (``PJRT_DEVICE`` set, or a TPU VM's chips under ``/dev``), else ``cuda``
     when a CUDA device is available, else eager ``cpu``, which compiles nothing (XLA:CPU's first
-    step takes 17-86 s) and whose step is within 0.7-1.6x of XLA:CPU's for every shipped backbone
-    (docs/models.md). Resolved where it is used, never stored: a
-    checkpoint's config says ``auto`` and the machine that loads it decides."""
+    step takes 17-86 s) and whose step takes 0.6-1.5x XLA:CPU's for every shipped backbone
+    (docs/models.md). Resolved where it is used, never stored: a checkpoint's config says
+    ``auto`` and the machine that loads it decides."""
     if setting != "auto":
         return setting
     if os.environ.get("PJRT_DEVICE") or tpu_chips_present():
