@@ -7,6 +7,8 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
+from retinanet_xla.device.choice import create_runtime
+from retinanet_xla.device.eager import EagerRuntime
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
 from retinanet_xla.inference.evaluator import ShardDetections
 from retinanet_xla.ops import BoxCoder
@@ -101,13 +103,10 @@ def test_per_class_cap_and_content_clipping():
 def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
     from retinanet_xla.inference.evaluator import Evaluator
 
-    config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2"])
+    config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2", "runtime.device=cpu"])
     coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
 
-    class Host:
-        device = torch.device("cpu")
-
-    evaluator = Evaluator(config, coco, Host(), show_progress=False)
+    evaluator = Evaluator(config, coco, create_runtime(config.runtime), show_progress=False)
     record = coco.records[0]
     scale = min(64 / record.height, 64 / record.width)
     original = np.array([[10.0, 20.0, 50.0, 60.0]])
@@ -130,13 +129,17 @@ def test_gathered_shards_come_back_in_split_order(synthetic):
     order, each image's detections in their own order, whatever the number of replicas."""
     from retinanet_xla.inference.evaluator import Evaluator
 
-    config = load_config(None, ["data.image_size=[64,64]", "data.num_workers=0", "eval.batch_size=2", "eval.max_detections=3"])
+    overrides = [
+        "data.image_size=[64,64]",
+        "data.num_workers=0",
+        "eval.batch_size=2",
+        "eval.max_detections=3",
+        "runtime.device=cpu",
+    ]
+    config = load_config(None, overrides)
     coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
 
-    class Host:
-        device = torch.device("cpu")
-
-    evaluator = Evaluator(config, coco, Host(), show_progress=False)
+    evaluator = Evaluator(config, coco, create_runtime(config.runtime), show_progress=False)
     assert evaluator.capacity == -(-len(coco.records) // 2) * 2 * 3  # every slot of every batch, padding too
 
     def detections(index: int, count: int):
@@ -154,6 +157,36 @@ def test_gathered_shards_come_back_in_split_order(synthetic):
     assert [d["image_id"] for d in found] == expected
     assert [d["score"] for d in found[:3]] == [0.9, 0.7, 0.5]  # within an image, the order kept
     assert [d["bbox"][1] for d in found[6:8]] == [0.0, 1.0]  # image 2's boxes, in order
+
+
+def test_evaluation_batches_come_through_the_runtimes_device_feed(synthetic):
+    """Train, eval, predict and bench take their batches from ``Runtime.device_batches`` (on
+    torch-xla the background copy); evaluation keeps on the host only what maps detections
+    back to their images."""
+    from retinanet_xla.inference.evaluator import HOST_KEYS, Evaluator
+    from retinanet_xla.models import build_model
+    from tests.cli_helpers import ROOT, TINY
+
+    class RecordingRuntime(EagerRuntime):
+        def device_batches(self, batches, host_keys=()):
+            self.feeds.append({"host_keys": tuple(host_keys), "batches": 0})
+
+            def counted():
+                for batch in batches:
+                    self.feeds[-1]["batches"] += 1
+                    yield batch
+
+            return super().device_batches(counted(), host_keys)
+
+    config = load_config(ROOT / "configs" / "smoke.yaml", [*TINY, "runtime.device=cpu", "eval.score_threshold=0.0"])
+    coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
+    runtime = RecordingRuntime(config.runtime, "cpu")
+    runtime.feeds = []
+    model = runtime.place_model(build_model(config))
+    evaluator = Evaluator(config, coco, runtime, show_progress=False)
+    detections = evaluator.predict(model)
+    assert runtime.feeds == [{"host_keys": HOST_KEYS, "batches": evaluator.num_batches}]
+    assert {d["image_id"] for d in detections} == {record.image_id for record in coco.records}
 
 
 def test_per_class_nms_equals_nms_class_by_class_on_the_reference_candidate_count():

@@ -15,11 +15,11 @@ from retinanet_xla.data.coco import load_coco
 from retinanet_xla.data.records import load_records, shard_name
 from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.runtime import ReplicaGroup
 from retinanet_xla.errors import ConfigError, DatasetError
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.rundir.checkpoint import load_checkpoint
-from retinanet_xla.training.trainer import train_batches
+from retinanet_xla.training.batches import train_batches
 from tests.cli_helpers import run_cli, train_command
 
 BATCH = ["data.image_size=[64,64]", "data.max_boxes=auto", "data.num_workers=0", "train.batch_size=4", "train.seed=7"]
@@ -46,7 +46,7 @@ def convert(capsys, monkeypatch, paths, prefix, shards):
 
 
 def batches(config, coco, start_batch=0, count=8):
-    stream = iter(train_batches(config, coco, Replicas(), start_batch=start_batch))
+    stream = iter(train_batches(config, coco, ReplicaGroup(), start_batch=start_batch))
     return [next(stream) for _ in range(count)]
 
 

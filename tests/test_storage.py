@@ -172,8 +172,8 @@ def test_record_shards_in_a_bucket_give_the_local_files_batches(gcs, bucket, tmp
 
     from retinanet_xla.config import load_config
     from retinanet_xla.data.splits import dataset_split
-    from retinanet_xla.distributed.replicas import Replicas
-    from retinanet_xla.training.trainer import train_batches
+    from retinanet_xla.device.runtime import ReplicaGroup
+    from retinanet_xla.training.batches import train_batches
 
     paths = write_synthetic_dataset(tmp_path, num_train=10, num_val=1, seed=6)["train"]
     prefix = f"{bucket}/records/train"
@@ -192,7 +192,7 @@ def test_record_shards_in_a_bucket_give_the_local_files_batches(gcs, bucket, tmp
         overrides=[*common, f"data.train.annotations={paths['annotations']}", f"data.train.images={paths['images']}"]
     )
     records = load_config(overrides=[*common, f"data.train.records={prefix}"])
-    streams = [iter(train_batches(c, dataset_split(c, "train", tmp_path), Replicas())) for c in (files, records)]
+    streams = [iter(train_batches(c, dataset_split(c, "train", tmp_path), ReplicaGroup())) for c in (files, records)]
     for _ in range(6):
         a, b = next(streams[0]), next(streams[1])
         assert all(torch.equal(a[key], b[key]) for key in a)

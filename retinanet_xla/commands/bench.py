@@ -4,7 +4,6 @@ The first thing to run on a new TPU VM: it shows the compile time, the steady st
 images/s, and whether anything recompiles, before any data is in place.
 """
 
-import os
 import resource
 import statistics
 import tempfile
@@ -15,13 +14,14 @@ import torch
 
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import dataset_split, split_files
-from retinanet_xla.distributed.launch import local_replica_count, replica_runtime, run_on_local_replicas
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.choice import local_replica_count
+from retinanet_xla.device.feed import InputWait, Stopwatch
+from retinanet_xla.device.runtime import ReplicaGroup, Runtime, split_batch
+from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.errors import ConfigError
+from retinanet_xla.training.batches import train_batches
 from retinanet_xla.training.build import build_train_step
-from retinanet_xla.training.trainer import train_batches
-from retinanet_xla.xla.feed import InputWait, Stopwatch
-from retinanet_xla.xla.runtime import Runtime
+from retinanet_xla.training.summary import timing_summary
 
 DISTINCT_BATCHES = 4
 
@@ -54,7 +54,7 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
 
 
 def benchmark(config: Config, steps: int, input_pipeline: bool = False, trace_only: bool = False) -> Dict:
-    """Run ``steps`` training steps on every local XLA device (``runtime.num_devices``), as
+    """Run ``steps`` training steps on every local device (``runtime.num_devices``), as
     ``train`` would; step 1 includes compilation, the rest are timed together.
 
     ``input_pipeline``: batches come through the real data pipeline (the config's train split,
@@ -66,9 +66,9 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False, trace_on
     the host's cost alone, without the device's work competing for the host's cores."""
     if steps < 2:
         raise ConfigError("bench needs at least 2 steps: one to compile, one to time")
-    count = local_replica_count(config.runtime.device, config.runtime.num_devices)
+    count = local_replica_count(config.runtime)
     if count is not None:
-        Replicas(world=count).share(config.train.batch_size, "train.batch_size")  # fail before starting anything
+        split_batch(config.train.batch_size, count, "train.batch_size")  # fail before starting anything
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:
         data_root = Path(scratch) if input_pipeline else None
         if data_root is not None:
@@ -78,7 +78,9 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False, trace_on
         return run_on_local_replicas(_benchmark, (config, steps, data_root), config)
 
 
-def _host_batches(config: Config, replicas: Replicas, steps: int, data_root: Optional[Path]) -> Iterator[Dict[str, torch.Tensor]]:
+def _host_batches(
+    config: Config, replicas: ReplicaGroup, steps: int, data_root: Optional[Path]
+) -> Iterator[Dict[str, torch.Tensor]]:
     if data_root is not None:
         stream = train_batches(config, dataset_split(config, "train", data_root), replicas)
         return (batch for _, batch in zip(range(steps), stream))
@@ -86,17 +88,17 @@ def _host_batches(config: Config, replicas: Replicas, steps: int, data_root: Opt
     return (fixed[i % DISTINCT_BATCHES] for i in range(steps))
 
 
-def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Optional[Path]) -> Dict:
-    runtime = replica_runtime(config, replicas)
-    step_fn = build_train_step(config, runtime, replicas)
+def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional[Path]) -> Dict:
+    replicas = runtime.replicas
+    step_fn = build_train_step(config, runtime)
     batches = runtime.device_batches(_host_batches(config, replicas, steps, data_root))
 
     clock = Stopwatch()
     outputs = step_fn(next(batches))
-    runtime.sync(collective=True)
+    runtime.end_step()
     runtime.wait()
     first_step = clock.seconds()
-    compiled_at_warmup, input_wait = runtime.compilations(), InputWait(runtime, batches)
+    compiled_at_warmup, input_wait = runtime.compilations(), InputWait(runtime.device_seconds, batches)
     warm, traces = Stopwatch(), []
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps - 1):
@@ -107,72 +109,65 @@ def _benchmark(replicas: Replicas, config: Config, steps: int, data_root: Option
         traced, waited = Stopwatch(), step_fn.seconds_waiting()
         outputs = step_fn(batch)
         traces.append(traced.seconds() - (step_fn.seconds_waiting() - waited))
-        runtime.sync(collective=True)
+        runtime.end_step()
     runtime.wait()
     warm_seconds = warm.seconds()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     waits = input_wait.fractions()
-    compiled = runtime.compilations()
     final_loss = float(outputs["loss"].cpu())
     # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
     # slowest sets the pace).
     idle = waits["device_idle_fraction"]
-    times = torch.tensor(
-        [
-            [
-                first_step,
-                warm_seconds / (steps - 1),
-                waits["input_wait_fraction"],
-                -1.0 if idle is None else idle,
-                waits["device_wait_fraction"],
-                statistics.mean(traces),
-                statistics.pstdev(traces),
-            ]
-        ]
-    )
-    times = _every_replica(times, replicas, runtime)
+    row = [
+        first_step,
+        warm_seconds / (steps - 1),
+        waits["input_wait_fraction"],
+        -1.0 if idle is None else idle,
+        waits["device_wait_fraction"],
+        statistics.mean(traces),
+        statistics.pstdev(traces),
+    ]
+    times = replicas.gather(torch.tensor([row]))
     step_seconds = float(times[:, 1].max())
+    slowest_waits = {
+        "input_wait_fraction": round(float(times[:, 2].max()), 4),
+        "device_idle_fraction": round(float(times[:, 3].max()), 4) if idle is not None else None,
+        "device_wait_fraction": round(float(times[:, 4].max()), 4),  # runtime.InputWait; the worst replica
+    }
+    summary = timing_summary(
+        runtime,
+        first_step_seconds=float(times[:, 0].max()),
+        images_per_second=config.train.batch_size / step_seconds,
+        compilations_after_warmup=runtime.compilations()["count"] - compiled_at_warmup["count"],
+        waits=slowest_waits,
+    )
     return {
-        "device": str(runtime.device),
-        "replicas": replicas.world,
+        **summary,
         "input": f"data pipeline, {config.data.num_workers} worker(s) per replica"
         if data_root is not None
         else "in-memory random batches",
         "steps": steps,
-        "step_graph": config.runtime.step_graph if runtime.is_xla else "eager",
+        "step_graph": runtime.step_graph,
         "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),
-        "first_step_seconds": round(float(times[:, 0].max()), 3),
-        "compile_seconds": round(compiled["seconds"], 3),
         "step_seconds": round(step_seconds, 4),
         "replica_step_seconds": [round(float(t), 4) for t in times[:, 1]],
-        "images_per_second": round(config.train.batch_size / step_seconds, 2),
         # The host's time per step call (the slowest replica); on XLA the step rate cannot
         # exceed 1 / this, whatever the device (docs/performance.md).
         "trace_seconds": round(float(times[:, 5].max()), 4),
         "trace_seconds_spread": round(float(times[times[:, 5].argmax(), 6]), 4),
-        # runtime.InputWait; the worst replica.
-        "device_wait_fraction": round(float(times[:, 4].max()), 4),
-        "input_wait_fraction": round(float(times[:, 2].max()), 4),
-        "device_idle_fraction": round(float(times[:, 3].max()), 4) if idle is not None else None,
-        "compilations_total": compiled["count"],
-        "compilations_after_warmup": compiled["count"] - compiled_at_warmup["count"],
-        "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
-        **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
         "final_loss": final_loss,
         # The process's (every replica's, where they are threads) minor page faults per warm
-        # step: memory mapped afresh every step, which a steady step should not need
-        # (xla/cpu_memory.py).
+        # step: memory mapped afresh every step, which a steady step should not need.
         "page_faults_per_step": round(faults / (steps - 1)),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
 
-def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
-    runtime = replica_runtime(config, replicas)
-    if not runtime.is_xla:
+def _trace_only(runtime: Runtime, config: Config, steps: int) -> Dict:
+    if not runtime.lazy:
         raise ConfigError("bench --trace-only needs runtime.device: xla (an eager step runs as it is called)")
-    step_fn = build_train_step(config, runtime, replicas)
+    replicas = runtime.replicas
+    step_fn = build_train_step(config, runtime)
     runtime.wait()
     batches = runtime.device_batches(_host_batches(config, replicas, steps, None))
     traces = []
@@ -184,8 +179,9 @@ def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
             runtime.discard_pending()
     finally:
         batches.close()
-    times = torch.tensor([[statistics.mean(traces[1:]), statistics.pstdev(traces[1:])]])  # the first warms Python up
-    times = _every_replica(times, replicas, runtime)
+    times = replicas.gather(
+        torch.tensor([[statistics.mean(traces[1:]), statistics.pstdev(traces[1:])]])
+    )  # the first warms Python up
     slowest = int(times[:, 0].argmax())
     return {
         "device": str(runtime.device),
@@ -197,12 +193,3 @@ def _trace_only(replicas: Replicas, config: Config, steps: int) -> Dict:
         "trace_seconds": round(float(times[slowest, 0]), 4),
         "trace_seconds_spread": round(float(times[slowest, 1]), 4),
     }
-
-
-def _every_replica(times: torch.Tensor, replicas: Replicas, runtime: Runtime) -> torch.Tensor:
-    """This replica's row of timings, gathered with every other replica's (one row each)."""
-    if replicas.world == 1:
-        return times
-    times = replicas.gather(times, runtime.device)
-    runtime.sync(collective=True)
-    return times.cpu()

@@ -1,5 +1,5 @@
 """``retinanet-xla eval``: a checkpoint, its config, a split -> COCO metrics on disk, with one
-replica per local XLA device (``runtime.num_devices``), like ``train``."""
+replica per local device (``runtime.num_devices``), like ``train``."""
 
 import json
 from typing import Dict, Optional, Sequence, Tuple
@@ -7,8 +7,9 @@ from typing import Dict, Optional, Sequence, Tuple
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.data.splits import dataset_split
-from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.choice import local_replica_count
+from retinanet_xla.device.runtime import Runtime, split_batch
+from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.evaluator import Evaluator, default_eval_dir
 from retinanet_xla.inference.loading import inference_config, load_for_inference
@@ -29,9 +30,9 @@ def evaluate_checkpoint(
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
     config = inference_config(checkpoint, payload, overrides)
     output_dir = storage.location(output) if output else default_eval_dir(checkpoint)
-    count = local_replica_count(config.runtime.device, config.runtime.num_devices)
+    count = local_replica_count(config.runtime)
     if count is not None:
-        Replicas(world=count).share(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
+        split_batch(config.eval.batch_size, count, "eval.batch_size")  # fail before starting anything
     coco = dataset_split(config, "val", local_run_files(checkpoint))  # checked, and written once if synthetic
     trained = CategoryMapping.from_dict(payload["category_mapping"])
     unknown = sorted(set(coco.mapping.category_ids) - set(trained.category_ids))
@@ -49,11 +50,11 @@ def evaluate_checkpoint(
     return run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config), output_dir
 
 
-def _evaluate_replica(replicas: Replicas, checkpoint: Location, overrides: Sequence[str], output_dir: Location) -> Optional[Dict]:
-    loaded = load_for_inference(checkpoint, overrides, replicas)
+def _evaluate_replica(runtime: Runtime, checkpoint: Location, overrides: Sequence[str], output_dir: Location) -> Optional[Dict]:
+    loaded = load_for_inference(checkpoint, overrides, runtime)
     coco = dataset_split(loaded.config, "val", local_run_files(loaded.checkpoint))
     coco.mapping = loaded.mapping  # detections carry the ids the model was trained with
-    result = Evaluator(loaded.config, coco, loaded.runtime, replicas).evaluate(loaded.model)
+    result = Evaluator(loaded.config, coco, runtime).evaluate(loaded.model)
     if result is None:  # not the master
         return None
     storage.write_text(storage.join(output_dir, "detections.json"), json.dumps(result["detections"]))
@@ -63,7 +64,7 @@ def _evaluate_replica(replicas: Replicas, checkpoint: Location, overrides: Seque
         "step": loaded.step,
         "weights": "ema" if loaded.uses_weight_average else "model",
         "images": len(coco.records),
-        "replicas": replicas.world,
+        "replicas": runtime.replicas.world,
         "summary": result["summary"],
     }
     storage.write_text(storage.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

@@ -7,29 +7,32 @@ from typing import Dict, Optional
 from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import split_files
-from retinanet_xla.distributed.launch import local_replica_count, run_on_local_replicas
+from retinanet_xla.device.choice import local_replica_count
+from retinanet_xla.device.runtime import Runtime, split_batch
+from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
-from retinanet_xla.distributed.replicas import Replicas
 from retinanet_xla.errors import ConfigError, UserError
 from retinanet_xla.inference.report import write_report
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
 from retinanet_xla.storage import Location, StagedDirectory
-from retinanet_xla.training.trainer import STAGED_LOGS, Trainer, TrainingDiverged, TrainingInterrupted, check_batch_sizes
+from retinanet_xla.training.trainer import STAGED_LOGS, Trainer, TrainingDiverged, TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
 
 def train(config: Config, output_dir: Location, resume: bool = True, overwrite: bool = False) -> Dict:
-    """Train on one device in this process, or with one replica per local XLA device
+    """Train on one device in this process, or with one replica per local device
     (``runtime.num_devices`` null: all of them). Returns the summary. ``resume=False`` in a
     directory holding an earlier run's checkpoints is refused unless ``overwrite``, which moves
     that run aside (``move_aside``). ``output_dir`` may be a bucket URL: checkpoints go there
     directly, logs through a local staging directory (``storage.StagedDirectory``)."""
     output_dir = storage.location(output_dir)
-    count = local_replica_count(config.runtime.device, config.runtime.num_devices)
-    if count is not None:
-        check_batch_sizes(config, Replicas(world=count))  # fail before starting anything
+    count = local_replica_count(config.runtime)
+    if count is not None:  # fail before starting anything; else each replica checks its share
+        split_batch(config.train.batch_size, count, "train.batch_size")
+        if config.train.eval_every > 0:
+            split_batch(config.eval.batch_size, count, "eval.batch_size")
     _check_weight_files(config)  # before config.yaml or the synthetic dataset is written
     run = StagedDirectory(output_dir)
     with RunLock(run.local):
@@ -98,5 +101,5 @@ def _check_weight_files(config: Config) -> None:
         raise ConfigError(f"model.init_from {init_from}: no such file or directory")
 
 
-def _train_replica(replicas: Replicas, config: Config, output_dir: Location, resume: bool) -> Dict:
-    return Trainer(config, output_dir, resume, replicas=replicas).run()
+def _train_replica(runtime: Runtime, config: Config, output_dir: Location, resume: bool) -> Dict:
+    return Trainer(config, runtime, output_dir, resume).run()

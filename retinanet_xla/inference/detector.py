@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from retinanet_xla.config import Config, PostprocessConfig
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections, select_candidates
-from retinanet_xla.xla.runtime import Runtime
 
 
 class CandidateDetector(nn.Module):
@@ -77,7 +77,7 @@ class Detector:
         model.eval()
         try:
             found = self.candidates(images, content_sizes)
-            self.runtime.sync()
+            self.runtime.end_step(collective=False)  # an evaluation batch holds no collective
         finally:
             model.train(was_training)
         return filter_detections(Candidates(*found), postprocess or self.postprocess)

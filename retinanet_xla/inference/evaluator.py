@@ -12,14 +12,16 @@ from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
 from retinanet_xla.data.splits import resolve_max_boxes
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops.postprocess import Detections, to_original_pixels
 from retinanet_xla.rundir.directory import run_of
 from retinanet_xla.storage import Location
-from retinanet_xla.xla.runtime import Runtime
+
+# What stays on the host of an evaluation batch: what maps each image's detections back to it.
+HOST_KEYS = ("original_size", "scale", "valid", "image_id")
 
 
 class Evaluator:
@@ -30,10 +32,9 @@ class Evaluator:
     (``EvalSampler``); the detections travel to the master in fixed-size tensors (one
     all-gather, compiled once per split), and the master alone scores them."""
 
-    def __init__(
-        self, config: Config, coco: CocoDataset, runtime: Runtime, replicas: Replicas = Replicas(), show_progress: bool = True
-    ):
-        self.config, self.coco, self.runtime, self.replicas = config, coco, runtime, replicas
+    def __init__(self, config: Config, coco: CocoDataset, runtime: Runtime, show_progress: bool = True):
+        self.config, self.coco, self.runtime = config, coco, runtime
+        self.replicas = replicas = runtime.replicas
         self.show_progress = show_progress and replicas.is_master
         image_size = tuple(config.data.image_size)
         batch_size = replicas.share(config.eval.batch_size, "eval.batch_size")
@@ -59,17 +60,18 @@ class Evaluator:
         if self.detector is None or self.detector.candidates.model is not model:
             self.detector = Detector(model, self.config, self.runtime)
         shard = ShardDetections(self.capacity)
-        keys = ("images", "original_size", "scale")
         progress = Progress(transient=True, disable=not self.show_progress)
-        with progress:
-            task = progress.add_task("eval", total=self.num_batches)
-            for host_batch in self.loader:
-                device_batch = {k: host_batch[k].to(self.runtime.device) for k in keys}
-                content = (device_batch["original_size"].float() * device_batch["scale"][:, None]).round()
-                self._collect(shard, self.detector(device_batch["images"], content), host_batch)
-                progress.advance(task)
-        rows = self._gather(shard.rows)
-        return None if rows is None else self._to_coco(rows)
+        batches = self.runtime.device_batches(map(evaluation_batch, self.loader), host_keys=HOST_KEYS)
+        try:
+            with progress:
+                task = progress.add_task("eval", total=self.num_batches)
+                for batch in batches:
+                    self._collect(shard, self.detector(batch["images"], batch["content_sizes"]), batch)
+                    progress.advance(task)
+        finally:
+            batches.close()
+        rows = self.replicas.gather(shard.rows)
+        return self._to_coco(rows) if self.replicas.is_master else None
 
     def _collect(self, shard: "ShardDetections", per_image: List[Detections], batch: Dict[str, torch.Tensor]) -> None:
         """A batch's detections, in original pixels, into ``shard``; padding slots are dropped."""
@@ -78,14 +80,6 @@ class Evaluator:
                 height, width = batch["original_size"][image].tolist()
                 boxes = to_original_pixels(found.boxes, float(batch["scale"][image]), height, width)
                 shard.add(self.index_of[int(batch["image_id"][image])], boxes, found.scores, found.labels)
-
-    def _gather(self, rows: torch.Tensor) -> Optional[torch.Tensor]:
-        """Every replica's rows on the master, or None elsewhere."""
-        if self.replicas.world == 1:
-            return rows
-        gathered = self.replicas.gather(rows, self.runtime.device)
-        self.runtime.sync(collective=True)
-        return gathered.cpu() if self.replicas.is_master else None
 
     def _to_coco(self, rows: torch.Tensor) -> List[Dict]:
         rows = rows[rows[:, 0] >= 0]
@@ -114,6 +108,13 @@ class Evaluator:
         result = evaluate_detections(self.gt, detections, [r.image_id for r in self.coco.records], self.config.eval.backend)
         result["detections"] = detections
         return result
+
+
+def evaluation_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """What evaluation needs of a loader's batch: the images and the size of each image's
+    content inside its canvas (height, width) for the device, ``HOST_KEYS`` for the host."""
+    content_sizes = (batch["original_size"].float() * batch["scale"][:, None]).round()
+    return {"images": batch["images"], "content_sizes": content_sizes, **{key: batch[key] for key in HOST_KEYS}}
 
 
 class ShardDetections:

@@ -107,6 +107,18 @@ def _overlap(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _letterboxed(chunk: Sequence[Image.Image], size, batch_size: int) -> Dict[str, torch.Tensor]:
+    """A batch of ``chunk``'s images letterboxed to ``size``, padded to ``batch_size`` images."""
+    pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
+    content = torch.zeros(batch_size, 2)
+    scales = torch.zeros(batch_size, dtype=torch.float64)
+    for slot, image in enumerate(chunk):
+        pixels[slot], _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
+        content[slot] = torch.tensor([round(image.height * scale), round(image.width * scale)])
+        scales[slot] = scale
+    return {"images": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), "content_sizes": content, "scales": scales}
+
+
 @torch.no_grad()
 def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: float) -> List[List[Dict]]:
     """Detections (COCO ``bbox`` in each image's pixels, score, label, category) of every image,
@@ -115,34 +127,31 @@ def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: 
     postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size, batch_size = tuple(config.data.image_size), config.eval.batch_size
     detector = Detector(loaded.model, config, runtime)
+    chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    batches = runtime.device_batches((_letterboxed(chunk, size, batch_size) for chunk in chunks), host_keys=("scales",))
     found_all: List[List[Dict]] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pixels = np.zeros((batch_size, size[0], size[1], 3), np.uint8)
-        content = torch.zeros(batch_size, 2)
-        scales = []
-        for slot, image in enumerate(chunk):
-            pixels[slot], _, scale = letterbox(image, np.zeros((0, 4), np.float32), size)
-            content[slot] = torch.tensor([round(image.height * scale), round(image.width * scale)])
-            scales.append(scale)
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(runtime.device)
-        for image, scale, found in zip(chunk, scales, detector(batch, content.to(runtime.device), postprocess)):
-            boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
-            ids = loaded.mapping.to_category_ids(found.labels.numpy())
-            found_all.append(
-                [
-                    {
-                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                        "score": round(float(score), 4),
-                        "label": int(label),
-                        "category_id": int(category_id),
-                        "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
-                    }
-                    for (x1, y1, x2, y2), score, label, category_id in zip(
-                        boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
-                    )
-                ]
-            )
+    try:
+        for chunk, batch in zip(chunks, batches):
+            detected = detector(batch["images"], batch["content_sizes"], postprocess)
+            for image, scale, found in zip(chunk, batch["scales"].tolist(), detected):
+                boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
+                ids = loaded.mapping.to_category_ids(found.labels.numpy())
+                found_all.append(
+                    [
+                        {
+                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                            "score": round(float(score), 4),
+                            "label": int(label),
+                            "category_id": int(category_id),
+                            "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
+                        }
+                        for (x1, y1, x2, y2), score, label, category_id in zip(
+                            boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
+                        )
+                    ]
+                )
+    finally:
+        batches.close()
     return found_all
 
 

@@ -134,3 +134,9 @@ def check_payload(path: Location, payload: Any) -> Dict[str, Any]:
     if stored is not None and stored != content_digest(payload):
         raise CheckpointError(f"{path}: checksum mismatch (the file was damaged after it was written)")
     return payload
+
+
+def inference_weights(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """The state dict to evaluate, predict and export with: the weight average where the run
+    kept one (as the TF reference does), else the model's."""
+    return payload["ema"] if "ema" in payload else payload["model"]

@@ -7,13 +7,12 @@ import torch
 from torch import nn
 
 from retinanet_xla.config import Config
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.models import build_model, set_replica_averaging
 from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
 from retinanet_xla.training.optimizer import SGD, LearningRateSchedule, parameter_groups
 from retinanet_xla.training.step import TrainStep
-from retinanet_xla.xla.runtime import Runtime
 
 
 def build_loss(config: Config) -> DetectionLoss:
@@ -42,12 +41,7 @@ def build_loss(config: Config) -> DetectionLoss:
 _INIT_LOCK = threading.Lock()
 
 
-def build_train_step(
-    config: Config,
-    runtime: Runtime,
-    replicas: Replicas = Replicas(),
-    initialize: Optional[Callable[[nn.Module], None]] = None,
-) -> TrainStep:
+def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Callable[[nn.Module], None]] = None) -> TrainStep:
     """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
     with a sync so that weights, buffers and optimizer state are device data before step 1 and
     step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
@@ -65,21 +59,22 @@ def build_train_step(
     loss_fn = build_loss(config).to(runtime.device).train()
     # Across replicas: the positives normaliser and cross-replica BatchNorm statistics are
     # averaged inside the graph, and so are the gradients before the update.
+    replicas = runtime.replicas
     loss_fn.average_across_replicas = replicas.mean
     set_replica_averaging(model, replicas.differentiable_mean, replicas.world)
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
     optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
     step = TrainStep(
-        model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, replicas, ema
+        model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema
     )
     # Loaded weights (ImageNet files, model.init_from) bring scalar buffers of equal values,
     # the BatchNorm step counters, which torch_xla would share as one device buffer: step 2
     # would then compile again (measured: one compilation after warm-up when fine-tuning).
     scalars = [*model.state_dict().values(), *loss_fn.state_dict().values()]
     scalars += list(ema.model.state_dict().values()) if ema is not None else []
-    runtime.separate_scalars(scalars)
+    runtime.prepare_state(scalars)
     # Replicas that are threads of one process take turns (as for a collective graph), so the
     # first compiles this graph and the others find it compiled, instead of all compiling it.
-    runtime.sync(collective=True)
+    runtime.end_step()
     return step

@@ -1,21 +1,20 @@
 """The training step: forward, loss, backward, clipping and the optimizer update, traced as one
 graph. It returns device tensors only; nothing here waits for the device.
 
-On XLA the step is traced on the first call only, and its compiled graph replayed after that
-(``runtime.step_graph: replay``, ``xla/replay.py``), so everything it updates is listed in
-``state_tensors``."""
+It is a ``StepProgram`` for the runtime to compile (``Runtime.compile_step``): on torch-xla it
+is traced on the first call only and its compiled graph replayed after that
+(``runtime.step_graph: replay``, ``device/xla/replay.py``), so everything it updates is listed
+in ``state_tensors``."""
 
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from retinanet_xla.distributed.replicas import Replicas
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.ops import DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
 from retinanet_xla.training.optimizer import SGD, LearningRateSchedule
-from retinanet_xla.xla.replay import GraphReplay
-from retinanet_xla.xla.runtime import Runtime
 
 
 class TrainStep:
@@ -29,7 +28,6 @@ class TrainStep:
         runtime: Runtime,
         precision: str = "fp32",
         grad_clip_norm: float = 0.0,
-        replicas: Replicas = Replicas(),
         ema: Optional[WeightAverage] = None,
     ):
         self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
@@ -37,12 +35,12 @@ class TrainStep:
         self.runtime = runtime
         self.precision = precision
         self.grad_clip_norm = grad_clip_norm
-        self.replicas = replicas
+        self.replicas = runtime.replicas
         self.ema = ema
         # The step counter lives on the device: the learning rate is computed from it inside
         # the graph, so a changing rate never changes the graph.
         self.step = torch.zeros((), dtype=torch.int64, device=runtime.device)
-        self._launch = runtime.replayable(self.trace, self.state_tensors, self._drop_gradients)
+        self._launch = runtime.compile_step(self)
 
     def __call__(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return self._launch(batch)
@@ -56,16 +54,22 @@ class TrainStep:
             tensors += list(self.ema.model.state_dict(keep_vars=True).values())
         return tensors
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The weights to evaluate and keep for inference: the weight average where the run
+        keeps one (as the TF reference does), else the model."""
+        return self.ema.model if self.ema is not None else self.model
+
     def seconds_waiting(self) -> float:
         """Time the calls so far spent waiting for the device to finish the step before (a
         replayed graph reads its inputs' buffers at launch), which is not the host's work."""
-        return self._launch.waited_seconds if isinstance(self._launch, GraphReplay) else 0.0
+        return self._launch.waited_seconds
 
-    def _drop_gradients(self) -> None:
+    def after_trace(self) -> None:
         self.model.zero_grad(set_to_none=True)
 
     def trace(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """One step: on XLA, its graph, traced (what ``__call__`` runs or replays)."""
+        """One step, run eagerly or traced lazily (what ``__call__`` runs or replays)."""
         # Fresh gradients every step (set_to_none) keep "grad is None" constant across steps.
         self.model.zero_grad(set_to_none=True)
         with self.runtime.autocast(self.precision):

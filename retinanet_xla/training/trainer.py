@@ -8,33 +8,32 @@ the other steps. With several replicas, this is one replica's loop (docs/tpu.md)
 
 import json
 import logging
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from rich.console import Console
 
 from retinanet_xla import storage
 from retinanet_xla.config import Config, save_config
-from retinanet_xla.data import DetectionDataset, TrainSampler, build_loader
-from retinanet_xla.data.coco import CocoDataset
-from retinanet_xla.data.splits import check_box_budget, dataset_split, resolve_max_boxes
-from retinanet_xla.distributed.launch import replica_runtime
+from retinanet_xla.data.splits import check_box_budget, dataset_split
+from retinanet_xla.device.feed import InputWait, Stopwatch, TimedBatches
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
-from retinanet_xla.distributed.replicas import Replicas
-from retinanet_xla.errors import CheckpointError, ConfigError, RunFailed, RunStopped
+from retinanet_xla.errors import CheckpointError, RunFailed, RunStopped
 from retinanet_xla.inference.evaluator import Evaluator
-from retinanet_xla.rundir.checkpoint import load_checkpoint
+from retinanet_xla.rundir.checkpoint import inference_weights, load_checkpoint
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.storage import Location, StagedDirectory
+from retinanet_xla.training.batches import train_batches
 from retinanet_xla.training.build import build_train_step
 from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck, ProfileWindow, Throughput
 from retinanet_xla.training.init_from import initialize_from
 from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
-from retinanet_xla.xla.feed import InputWait, Stopwatch
-from retinanet_xla.xla.runtime import resolve_device
+from retinanet_xla.training.summary import timing_summary
 
 logger = logging.getLogger(__name__)
-DEVICE_KEYS = ("images", "boxes", "labels", "crowd")
 # What a checkpoint needs beyond what any checkpoint has (rundir.checkpoint.REQUIRED_KEYS) for
 # training to continue exactly where it stopped.
 RESUME_KEYS = ("optimizer", "loss", "torch_rng_state")
@@ -51,63 +50,15 @@ class TrainingInterrupted(RunStopped):
     """A stop was requested (SIGTERM/SIGINT); a checkpoint for the step reached was saved."""
 
 
-class BatchCounters:
-    """Counts what the loader reports (boxes truncated, unreadable images) on the host side,
-    before the batch goes to the device, and forwards only what the step needs."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.truncated = 0
-        self.unreadable = 0
-
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        for batch in self.loader:
-            self.truncated += int(batch["truncated"].sum())
-            self.unreadable += int(batch["unreadable"].sum())
-            yield {key: batch[key] for key in DEVICE_KEYS}
-
-
-def train_batches(config: Config, coco: CocoDataset, replicas: Replicas, start_batch: int = 0) -> BatchCounters:
-    """This replica's endless stream of augmented training batches. Starting at
-    ``start_batch`` (the step a checkpoint reached), a resumed run sees the same images with
-    the same augmentation as an uninterrupted one."""
-    batch_size = check_batch_sizes(config, replicas)
-    dataset = DetectionDataset(
-        coco.records,
-        coco.mapping,
-        tuple(config.data.image_size),
-        resolve_max_boxes(coco, config.data.max_boxes),
-        config.data.augmentation,
-        config.data.max_pixels,
-    )
-    sampler = TrainSampler(len(dataset), batch_size, replicas.world, replicas.rank, config.train.seed, start_batch=start_batch)
-    return BatchCounters(build_loader(dataset, sampler, batch_size, config.data.num_workers))
-
-
-def check_batch_sizes(config: Config, replicas: Replicas) -> int:
-    """Each replica's training batch; the evaluation batch must split over the replicas too."""
-    if config.train.eval_every > 0:
-        replicas.share(config.eval.batch_size, "eval.batch_size")
-    return replicas.share(config.train.batch_size, "train.batch_size")
-
-
 class Trainer:
     """One replica's training loop (the only one, on a single device)."""
 
     def __init__(
-        self,
-        config: Config,
-        output_dir: Location,
-        resume: bool = True,
-        console: Optional[Console] = None,
-        replicas: Replicas = Replicas(),
+        self, config: Config, runtime: Runtime, output_dir: Location, resume: bool = True, console: Optional[Console] = None
     ):
-        self.config, self.output_dir, self.replicas = config, storage.location(output_dir), replicas
+        self.config, self.runtime, self.output_dir = config, runtime, storage.location(output_dir)
+        self.replicas = replicas = runtime.replicas
         self.run_files = StagedDirectory(self.output_dir)  # logs, config, summary; local when the output is
-        world_size = replicas.world
-        if config.runtime.num_devices not in (None, world_size) and resolve_device(config.runtime.device) == "xla":
-            raise ConfigError(f"runtime.num_devices is {config.runtime.num_devices} but {world_size} XLA device(s) are running")
-        check_batch_sizes(config, replicas)  # before anything is built
         local = self.run_files.local
         local.mkdir(parents=True, exist_ok=True)
         self.coco = dataset_split(config, "train", local)
@@ -118,10 +69,9 @@ class Trainer:
                 logger.warning(truncated)
         self.checkpoints = CheckpointDirectory(self.output_dir, config.train.keep_checkpoints)
 
-        self.runtime = replica_runtime(config, replicas)
         self.init_report: Optional[str] = None  # what model.init_from did, for the start of the log
         found = self._resume_point() if resume else None
-        self.step_fn = build_train_step(config, self.runtime, replicas, self._initializer(found))
+        self.step_fn = build_train_step(config, runtime, self._initializer(found))
         self.start_step, self.best_ap = 0, float("-inf")
         if found is not None:
             self._restore(*found)
@@ -133,7 +83,7 @@ class Trainer:
         if config.train.eval_every > 0:  # every replica evaluates its shard of the split
             val = dataset_split(config, "val", local)
             val.mapping = self.coco.mapping  # detections are written with the training set's ids
-            self.evaluator = Evaluator(config, val, self.runtime, replicas, show_progress=False)
+            self.evaluator = Evaluator(config, val, runtime, show_progress=False)
 
         self.console = console
         self.first_loss: Optional[float] = None
@@ -185,7 +135,7 @@ class Trainer:
         found = self.checkpoints.newest_valid() if self.replicas.is_master else None
         if self.replicas.world == 1:
             return found
-        step = self.replicas.from_master(found[1]["step"] if found else -1, self.runtime)
+        step = self.replicas.from_master(found[1]["step"] if found else -1)
         if step < 0:
             return None
         if found is None:
@@ -205,7 +155,7 @@ class Trainer:
             s.optimizer.load_state_dict(payload["optimizer"])
             s.loss_fn.load_state_dict(payload["loss"])
             if s.ema is not None:
-                s.ema.model.load_state_dict(payload["ema"] if "ema" in payload else payload["model"])
+                s.ema.model.load_state_dict(inference_weights(payload))
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(
@@ -217,8 +167,8 @@ class Trainer:
         self.last_checkpoint = path
         restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), s.step]
         restored += list(s.ema.model.state_dict().values()) if s.ema is not None else []
-        self.runtime.separate_scalars(restored)  # before the first traced step
-        logger.warning("resuming from %s (step %d)", path, self.start_step)
+        self.runtime.prepare_state(restored)  # before the first step
+        logger.info("resuming from %s (step %d)", path, self.start_step)
 
     def _save(self, step: int) -> None:
         """The master writes (every replica holds the same weights); the others wait for it
@@ -237,72 +187,25 @@ class Trainer:
 
     def run(self) -> Dict:
         c, runtime, replicas = self.config.train, self.runtime, self.replicas
-        first = self.start_step + 1
-        local = self.run_files.local
-        log = MetricsLog(local, c.steps, self.start_step, self.console) if replicas.is_master else SilentLog()
-        log.message(
-            f"training steps {first}-{c.steps}, batch {c.batch_size} on {replicas.world} replica(s), "
-            f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
-            f"on {runtime.device} -> {self.output_dir}"
-        )
-        uploaded = (
-            f" (uploaded to {storage.join(self.output_dir, 'tensorboard')} at each checkpoint)" if self.run_files.remote else ""
-        )
-        log.message(f"TensorBoard: tensorboard --logdir {local / 'tensorboard'}{uploaded}")
-        if self.init_report:
-            log.message(self.init_report)
-        cadence = Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, replicas.world)
-        compiles = CompileWatch(lambda: runtime.compilations()["count"])
-        tensorboard = local / "tensorboard"
-        profile = ProfileWindow(
-            self.config.runtime.profile_steps if replicas.is_master else None,  # one trace per run
-            c.steps,
-            lambda: runtime.start_profile(tensorboard),
-            runtime.stop_profile,
-        )
-        clock, throughput = Stopwatch(), Throughput(c.batch_size, lambda: clock.seconds())
-        warm_clock, first_step_seconds, input_wait = None, 0.0, None
-        batches = runtime.device_batches(self.counters)
-        replicas.barrier()  # every replica is past its own setup graphs before step 1's
+        loop = self._start_loop()
         try:
-            with PreemptionGuard(stop_file(local)) as guard:
-                for step in range(first, c.steps + 1):
-                    profile.before(step)
-                    outputs = self.step_fn(next(batches))
-                    plan = cadence.plan(step)
+            with PreemptionGuard(stop_file(self.run_files.local)) as guard:
+                for step in range(loop.first, c.steps + 1):
+                    loop.profile.before(step)
+                    outputs = self.step_fn(next(loop.batches))
+                    plan = loop.cadence.plan(step)
                     stop_requested = plan.decide and guard.requested
                     if replicas.is_master and (plan.log or stop_requested):
-                        runtime.on_step_end(lambda values, s=step: self._on_values(s, values, throughput, log), outputs)
-                    runtime.sync(collective=True)
-                    stop = diverged = False
-                    if plan.decide:
-                        stop, diverged = replicas.agree([stop_requested, self.divergence.diverged], runtime)
-                    if profile.after(step):
-                        log.message(f"profiled steps {profile.first}-{step}: open {tensorboard} in TensorBoard's profile tab")
-                    if step == first:
-                        runtime.wait()
-                        first_step_seconds = clock.seconds()
-                        compiled = compiles.warmed_up()
-                        warm_clock, input_wait = Stopwatch(), InputWait(runtime, batches)
-                        log.message(f"step {step} done in {first_step_seconds:.1f} s ({compiled} graphs compiled)")
-                    elif plan.log and replicas.is_master:
-                        compiles.check(step)
+                        runtime.on_step_end(lambda values, s=step: self._on_values(s, values, loop), outputs)
+                    runtime.end_step()
+                    stop, diverged = replicas.agree([stop_requested, self.divergence.diverged]) if plan.decide else (False, False)
+                    self._after_step(step, plan, loop)
                     if diverged:
                         raise TrainingDiverged(
                             f"the loss is not finite at step {self.divergence.step or step}; stopping "
                             f"(last good checkpoint: {self.last_checkpoint or 'none'})"
                         )
-                    log.advance(step)
-                    paused = Stopwatch()  # checkpoints and evaluation are not training time
-                    if plan.checkpoint or stop:
-                        self._save(step)
-                    if plan.evaluate:
-                        if self.last_eval is None:  # compiling the evaluation graphs is warm-up too
-                            compiles.also_warmup(lambda s=step: self._evaluate(s, log))
-                        else:
-                            self._evaluate(step, log)
-                    if plan.checkpoint or stop or plan.evaluate:
-                        throughput.exclude(paused.seconds())
+                    self._periodic_work(step, plan, stop, loop)
                     if stop and not plan.last:
                         raise TrainingInterrupted(
                             f"stopped {guard.reason or 'because another replica was asked to'} at step {step}; "
@@ -310,18 +213,80 @@ class Trainer:
                         )
             runtime.wait()
         finally:
-            batches.close()
-            profile.close()  # stopped or failed inside the window: keep what was traced
-            log.close()
+            loop.close()
             self._upload_logs()
-        waits = input_wait.fractions() if input_wait is not None and c.steps > first else {}
-        return self._summary(clock, warm_clock, first_step_seconds, compiles, waits)
+        return self._summary(loop)
 
-    def _on_values(self, step: int, values: Dict[str, float], throughput: Throughput, log: MetricsLog) -> None:
+    def _start_loop(self) -> "LoopState":
+        c, local = self.config.train, self.run_files.local
+        first = self.start_step + 1
+        log = MetricsLog(local, c.steps, self.start_step, self.console) if self.replicas.is_master else SilentLog()
+        log.message(
+            f"training steps {first}-{c.steps}, batch {c.batch_size} on {self.replicas.world} replica(s), "
+            f"{self.num_images} images, {self.config.data.image_size[0]}x{self.config.data.image_size[1]}, "
+            f"on {self.runtime.device} -> {self.output_dir}"
+        )
+        uploaded = (
+            f" (uploaded to {storage.join(self.output_dir, 'tensorboard')} at each checkpoint)" if self.run_files.remote else ""
+        )
+        log.message(f"TensorBoard: tensorboard --logdir {local / 'tensorboard'}{uploaded}")
+        if self.init_report:
+            log.message(self.init_report)
+        tensorboard = local / "tensorboard"
+        profile = ProfileWindow(
+            self.config.runtime.profile_steps if self.replicas.is_master else None,  # one trace per run
+            c.steps,
+            lambda: self.runtime.start_profile(tensorboard),
+            self.runtime.stop_profile,
+        )
+        clock = Stopwatch()
+        loop = LoopState(
+            first=first,
+            log=log,
+            cadence=Cadence(first, c.steps, c.log_every, c.checkpoint_every, c.eval_every, self.replicas.world),
+            compiles=CompileWatch(lambda: self.runtime.compilations()["count"]),
+            profile=profile,
+            clock=clock,
+            throughput=Throughput(c.batch_size, clock.seconds),
+            batches=self.runtime.device_batches(self.counters),
+            tensorboard=tensorboard,
+        )
+        self.replicas.barrier()  # every replica is past its own setup graphs before step 1's
+        return loop
+
+    def _after_step(self, step: int, plan, loop: "LoopState") -> None:
+        """What the loop learns once a step has been launched: the profile window, the first
+        step's time and compilations, later compilations."""
+        if loop.profile.after(step):
+            loop.log.message(f"profiled steps {loop.profile.first}-{step}: open {loop.tensorboard} in TensorBoard's profile tab")
+        if step == loop.first:
+            self.runtime.wait()
+            loop.first_step_seconds = loop.clock.seconds()
+            compiled = loop.compiles.warmed_up()
+            loop.warm_clock, loop.input_wait = Stopwatch(), InputWait(self.runtime.device_seconds, loop.batches)
+            loop.log.message(f"step {step} done in {loop.first_step_seconds:.1f} s ({compiled} graphs compiled)")
+        elif plan.log and self.replicas.is_master:
+            loop.compiles.check(step)
+
+    def _periodic_work(self, step: int, plan, stop: bool, loop: "LoopState") -> None:
+        """Checkpoint and evaluation at a step boundary; their time is not training time."""
+        loop.log.advance(step)
+        paused = Stopwatch()
+        if plan.checkpoint or stop:
+            self._save(step)
+        if plan.evaluate:
+            if self.last_eval is None:  # compiling the evaluation graphs is warm-up too
+                loop.compiles.also_warmup(lambda: self._evaluate(step, loop.log))
+            else:
+                self._evaluate(step, loop.log)
+        if plan.checkpoint or stop or plan.evaluate:
+            loop.throughput.exclude(paused.seconds())
+
+    def _on_values(self, step: int, values: Dict[str, float], loop: "LoopState") -> None:
         """The master's host copy of a log step's values (``Runtime.on_step_end``)."""
         if not self.divergence.observe(step, values):
             return  # the replicas agree to stop at this step; nothing non-finite is logged
-        rate = throughput.rate(step)
+        rate = loop.throughput.rate(step)
         if rate is not None:
             values["images_per_second"] = rate
         values["truncated_images"] = float(self.counters.truncated)
@@ -329,14 +294,12 @@ class Trainer:
         self.last_loss = values["loss"]
         if self.first_loss is None:
             self.first_loss = values["loss"]
-        log.write(step, values)
+        loop.log.write(step, values)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
         """Every replica runs the model over its shard; the master scores the gathered
         detections and keeps ``best.pt`` while the others wait."""
-        # With a weight average, it is what gets evaluated (and what eval uses later).
-        model = self.step_fn.ema.model if self.step_fn.ema is not None else self.step_fn.model
-        result = self.evaluator.evaluate(model)
+        result = self.evaluator.evaluate(self.step_fn.inference_model)
         if result is None:  # not the master
             self.replicas.barrier()
             return
@@ -348,39 +311,56 @@ class Trainer:
             self.checkpoints.save_best(self._payload(step))
         self.replicas.barrier()
 
-    def _summary(
-        self, clock: Stopwatch, warm_clock: Optional[Stopwatch], first_step_seconds: float, compiles: CompileWatch, waits: Dict
-    ) -> Dict:
+    def _summary(self, loop: "LoopState") -> Dict:
         c = self.config.train
-        compiled = self.runtime.compilations()
         steps_run = c.steps - self.start_step
-        warm_steps, warm_seconds = steps_run - 1, (warm_clock.seconds() if warm_clock else 0.0)
+        warm_steps, warm_seconds = steps_run - 1, (loop.warm_clock.seconds() if loop.warm_clock else 0.0)
+        waits = loop.input_wait.fractions() if loop.input_wait is not None and c.steps > loop.first else {}
         summary = {
             "steps": c.steps,
             "resumed_from_step": self.start_step,
             "images": steps_run * c.batch_size,
-            "wall_seconds": round(clock.seconds(), 3),
-            "first_step_seconds": round(first_step_seconds, 3),
-            "images_per_second": round(warm_steps * c.batch_size / warm_seconds, 3) if warm_steps > 0 and warm_seconds else None,
-            # After step 1 (evaluation and checkpoints included): runtime.InputWait.
-            **{key: waits.get(key) for key in ("device_wait_fraction", "input_wait_fraction", "device_idle_fraction")},
-            "compilations_total": compiled["count"],
-            "compilations_after_warmup": compiles.after_warmup() if steps_run else 0,
-            "compile_seconds": round(compiled["seconds"], 3),
-            "compile_cache": str(self.runtime.compile_cache) if self.runtime.compile_cache else None,
-            **{key: compiled[key] for key in ("cache_hits", "cache_misses", "cache_load_failures") if key in compiled},
+            "wall_seconds": round(loop.clock.seconds(), 3),
+            **timing_summary(
+                self.runtime,
+                first_step_seconds=loop.first_step_seconds,
+                images_per_second=warm_steps * c.batch_size / warm_seconds if warm_steps > 0 and warm_seconds else None,
+                compilations_after_warmup=loop.compiles.after_warmup() if steps_run else 0,
+                waits=waits,
+            ),
             "first_loss": self.first_loss,
             "final_loss": self.last_loss,
             "truncated_images": self.counters.truncated,
             "unreadable_images": self.counters.unreadable,
-            "device": str(self.runtime.device),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "eval": self.last_eval,
-            "replicas": self.replicas.world,
         }
         if self.replicas.is_master:
             (self.run_files.local / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._upload_logs()
         if summary["compilations_after_warmup"]:
-            logger.warning("%d XLA compilation(s) happened after warm-up", summary["compilations_after_warmup"])
+            logger.warning("%d compilation(s) happened after warm-up", summary["compilations_after_warmup"])
         return summary
+
+
+@dataclass
+class LoopState:
+    """What one run of the loop keeps between steps."""
+
+    first: int
+    log: object  # MetricsLog on the master, SilentLog elsewhere
+    cadence: Cadence
+    compiles: CompileWatch
+    profile: ProfileWindow
+    clock: Stopwatch
+    throughput: Throughput
+    batches: TimedBatches
+    tensorboard: Path
+    first_step_seconds: float = 0.0
+    warm_clock: Optional[Stopwatch] = None
+    input_wait: Optional[InputWait] = None
+
+    def close(self) -> None:
+        self.batches.close()
+        self.profile.close()  # stopped or failed inside the window: keep what was traced
+        self.log.close()

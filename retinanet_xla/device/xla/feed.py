@@ -1,16 +1,12 @@
-"""Batches on their way to the device: a background copy to an XLA device, and how long the loop
-waited for them."""
+"""Batches on their way to an XLA device: copied by a background thread."""
 
 import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, Iterable, Optional
+from typing import Dict, Iterable, Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from retinanet_xla.xla.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +29,16 @@ class DeviceFeed:
     while the device runs this one. Its thread also swallows the host loader's errors and ends
     the stream as if the data had run out; here the loop gets the error itself."""
 
-    def __init__(self, batches: Iterable[Dict[str, torch.Tensor]], device: torch.device, depth: int = 4):
+    def __init__(
+        self,
+        batches: Iterable[Dict[str, torch.Tensor]],
+        device: torch.device,
+        host_keys: Sequence[str] = (),
+        depth: int = 4,
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._ended = self._closed = False
+        self._host_keys = frozenset(host_keys)
         self._thread = threading.Thread(target=self._copy, args=(batches, device), name="device-feed", daemon=True)
         self._thread.start()
 
@@ -47,7 +50,9 @@ class DeviceFeed:
             for batch in stream:
                 if self._closed:
                     return
-                self._queue.put(xm.send_cpu_data_to_device(batch, device))
+                to_device = {key: value for key, value in batch.items() if key not in self._host_keys}
+                on_host = {key: value for key, value in batch.items() if key in self._host_keys}
+                self._queue.put({**xm.send_cpu_data_to_device(to_device, device), **on_host})
         except BaseException as error:  # noqa: BLE001 - handed to the loop's thread
             self._queue.put(_Failure(error))
         else:
@@ -87,61 +92,3 @@ class DeviceFeed:
             self._thread.join(0.05)
         if self._thread.is_alive():
             logger.warning("the batch copy thread is still waiting for the host loader after %.0f s", timeout)
-
-
-class TimedBatches:
-    """An iterator of batches that counts the seconds the loop waited for the next one. Device
-    work is queued asynchronously, so while the loop waits the device finishes what was queued
-    and then idles: the wait is an upper bound on the device's time starved of input."""
-
-    def __init__(self, batches: Iterable):
-        self._source = batches
-        self._batches = iter(batches)
-        self.wait_seconds = 0.0
-
-    def close(self) -> None:
-        if isinstance(self._source, DeviceFeed):
-            self._source.close()
-
-    def __iter__(self) -> "TimedBatches":
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self._batches)
-        finally:
-            self.wait_seconds += time.perf_counter() - start
-
-
-class InputWait:
-    """How much of the wall time since it was created went to waiting for input.
-
-    ``input_wait_fraction``: the loop blocked on the next batch. ``device_idle_fraction``: the
-    devices executed nothing (for any reason). The device can only have waited for input while
-    both held, so ``device_wait_fraction`` is the smaller: an upper bound. (The first alone can
-    overstate: a loop that blocks on its batch while the device still runs queued steps.)"""
-
-    def __init__(self, runtime: "Runtime", batches: TimedBatches):
-        self.runtime, self.batches = runtime, batches
-        self.start = (time.perf_counter(), batches.wait_seconds, runtime.device_seconds())
-
-    def fractions(self) -> Dict[str, Optional[float]]:
-        start_time, start_wait, start_device = self.start
-        wall = max(time.perf_counter() - start_time, 1e-9)
-        waiting = (self.batches.wait_seconds - start_wait) / wall
-        device = self.runtime.device_seconds()
-        idle = None if device is None else min(max(1.0 - (device - start_device) / wall, 0.0), 1.0)
-        return {
-            "input_wait_fraction": round(waiting, 4),
-            "device_idle_fraction": None if idle is None else round(idle, 4),
-            "device_wait_fraction": round(waiting if idle is None else min(waiting, idle), 4),
-        }
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

@@ -27,12 +27,15 @@ tracing every step.
 
 import contextlib
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-Step = Callable[[Dict[str, Tensor]], Dict[str, Tensor]]
+if TYPE_CHECKING:
+    from retinanet_xla.device.runtime import StepProgram
+    from retinanet_xla.device.xla.runtime import XlaRuntime
+
 Slot = Tuple[str, object]  # ("state", index) | ("batch", key) | ("seed", None) | ("constant", tensor)
 
 
@@ -41,26 +44,17 @@ class StepNotReplayable(RuntimeError):
 
 
 class GraphReplay:
-    """``step(batch) -> outputs``, traced on the first call and replayed afterwards.
+    """``program.trace(batch) -> outputs``, traced on the first call and replayed afterwards.
 
-    ``state()``: every tensor the step reads and may update in place. ``after_trace()``: drops
-    what the traced step leaves behind that is neither state nor output (gradients). ``launch(run)``: how
-    the graph is started, for replicas that must take turns launching a collective graph.
-    ``donate``: the updated state's old buffers become its new values' (see ``_capture``).
-    ``wait()``: blocks until this device has finished its work: the cached graph reads its
-    inputs' buffers at launch, so the previous step must be done."""
+    ``program.state_tensors()``: every tensor the step reads and may update in place;
+    ``program.after_trace()`` drops what the traced step leaves behind that is neither state nor
+    output (gradients). From ``runtime``: ``launch_collective(run)``, how the graph is started
+    (replicas that are threads take turns); ``donate_step_buffers``, whether the updated
+    state's old buffers become its new values' (see ``_capture``); and ``wait()``, since the
+    cached graph reads its inputs' buffers at launch, so the previous step must be done."""
 
-    def __init__(
-        self,
-        step: Step,
-        state: Callable[[], Sequence[Tensor]],
-        after_trace: Callable[[], None],
-        wait: Callable[[], None],
-        launch: Callable[[Callable[[], None]], None] = lambda run: run(),
-        donate: bool = True,
-    ):
-        self.step, self.state_of, self.after_trace, self.wait, self.launch = step, state, after_trace, wait, launch
-        self.donate = donate
+    def __init__(self, program: "StepProgram", runtime: "XlaRuntime"):
+        self.program, self.runtime = program, runtime
         self.graph: Optional[str] = None
         self.state: List[Tensor] = []
         self.updated: List[int] = []
@@ -72,7 +66,7 @@ class GraphReplay:
         if self.graph is None:
             return self._capture(batch)
         started = time.perf_counter()
-        self.wait()
+        self.runtime.wait()
         self.waited_seconds += time.perf_counter() - started
         return self._run([self._input(slot, batch) for slot in self.slots])
 
@@ -98,7 +92,7 @@ class GraphReplay:
             before()
             results.extend(torch_xla._XLAC._run_cached_graph(self.graph, inputs))
 
-        self.launch(run)
+        self.runtime.launch_collective(run)
         with torch.no_grad():
             torch._foreach_copy_([self.state[index] for index in self.updated], results[: len(self.updated)])
         return dict(zip(self.keys, results[len(self.updated) :]))
@@ -107,15 +101,15 @@ class GraphReplay:
         import torch_xla
 
         xla = torch_xla._XLAC
-        self.wait()  # the state's buffers must be ready: the first run reads them as they are
-        self.state = _distinct(self.state_of())
+        self.runtime.wait()  # the state's buffers must be ready: the first run reads them as they are
+        self.state = _distinct(self.program.state_tensors())
         device = str(self.state[0].device)
         # Before tracing: an in-place update may give a tensor a new XLA tensor id, while the
         # graph's inputs keep the ids their buffers had.
         known: Dict[int, Slot] = {xla._xla_get_tensor_id(t): ("state", i) for i, t in enumerate(self.state)}
         known.update({xla._xla_get_tensor_id(t): ("batch", key) for key, t in batch.items()})
-        outputs = self.step(batch)
-        self.after_trace()
+        outputs = self.program.trace(batch)
+        self.program.after_trace()
         pending = xla._check_tensor_need_materialization(self.state)
         self.updated = [index for index, changed in enumerate(pending) if changed]
         self.keys = list(outputs)
@@ -134,18 +128,18 @@ class GraphReplay:
         # With ``donate``, the buffers of the state the step updates are donated to its new
         # values, as a traced step's are (XLA_ENABLE_PARAM_ALIASING): without, a step holds the
         # old and the new weights, momentum and average at once.
-        if self.donate:
+        if self.runtime.donate_step_buffers:
             updated = set(self.updated)
             for slot, value in zip(self.slots, values):
                 if slot[0] == "state" and slot[1] in updated:
                     xla._set_buffer_donation(value, True)
-        with _aliasing(xla, self.donate):
+        with _aliasing(xla, self.runtime.donate_step_buffers):
             self.graph = xla._get_graph_hash(roots)
         # Compiled (or found in the cache) without running, then run on the buffers it was
         # traced from (and a seed drawn like every later one's): this first step's result, and
         # every traced tensor replaced or gone.
         first = [self._input(slot, batch) if slot[0] == "seed" else value for slot, value in zip(self.slots, values)]
-        results = self._run(first, before=lambda: _compile(xla, roots, self.donate))
+        results = self._run(first, before=lambda: _compile(xla, roots, self.runtime.donate_step_buffers))
         roots.clear()
         left = xla._xla_tensors_report(1, device)  # more than a device-data node: computed
         if left:  # a change every replay would lose

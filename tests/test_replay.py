@@ -1,14 +1,14 @@
-"""The training step traced once and replayed (``runtime.step_graph: replay``, xla/replay.py)
+"""The training step traced once and replayed (``runtime.step_graph: replay``, device/xla/replay.py)
 gives what tracing every step gives, compiles nothing more, and refuses steps it would get
 wrong."""
 
 import pytest
 import torch
 
-from retinanet_xla.config import load_config
+from retinanet_xla.config import RuntimeConfig, load_config
+from retinanet_xla.device.xla.replay import GraphReplay, StepNotReplayable
+from retinanet_xla.device.xla.runtime import XlaRuntime
 from retinanet_xla.training.build import build_train_step
-from retinanet_xla.xla.replay import GraphReplay, StepNotReplayable
-from retinanet_xla.xla.runtime import Runtime
 from tests.cli_helpers import ROOT, TINY
 
 pytestmark = pytest.mark.xla
@@ -41,7 +41,7 @@ def run_steps(step_graph: str, steps: int = 4, donate: bool = False):
 
     overrides = [*TINY, "train.ema_decay=0.9", "train.grad_clip_norm=0.5", f"runtime.step_graph={step_graph}"]
     config = load_config(ROOT / "configs" / "smoke.yaml", overrides)
-    runtime = Runtime("xla", step_graph=step_graph)
+    runtime = XlaRuntime(config.runtime)
     runtime.donate_step_buffers = donate  # the TPU's default; off on the CPU client
     aliased = metrics.metric_data("InputOutputAliasCount")
     step = build_train_step(config, runtime)
@@ -49,7 +49,7 @@ def run_steps(step_graph: str, steps: int = 4, donate: bool = False):
     logged = []
     for index in range(steps):
         outputs = step(data[index % len(data)])
-        runtime.sync()
+        runtime.end_step()
         logged.append({key: outputs[key].cpu() for key in LOGGED})
         if index == 0:
             compiled = metrics.metric_data("CompileTime")[0]
@@ -80,6 +80,19 @@ def test_replay_gives_the_traced_steps_values_and_compiles_nothing_after_step_on
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+class Program:
+    """A step for ``GraphReplay``: ``trace``, its state, nothing to drop after tracing."""
+
+    def __init__(self, trace, state):
+        self.trace, self.state = trace, state
+
+    def state_tensors(self):
+        return self.state
+
+    def after_trace(self):
+        pass
+
+
 def toy_step(weight, noise: bool = False):
     def step(batch):
         x = batch["x"]
@@ -106,7 +119,7 @@ def test_a_random_step_draws_a_new_seed_for_every_step_from_torchs_generator():
             steps.add_(1)
             return {"kept": (torch.nn.functional.dropout(batch["x"], 0.5) > 0).sum()}
 
-        replay = GraphReplay(step, lambda: [steps], lambda: None, lambda: torch_xla.sync(wait=True))
+        replay = GraphReplay(Program(step, [steps]), XlaRuntime(RuntimeConfig()))
         counts = [int(replay(batch)["kept"].cpu()) for _ in range(4)]
         assert ("seed", None) in replay.slots and float(steps.cpu()) == 4
         return counts
@@ -128,7 +141,7 @@ def test_a_step_that_changes_a_tensor_outside_its_state_is_refused():
         counter.add_(1)  # not declared: every replay would lose it
         return toy_step(weight)(batch)
 
-    replay = GraphReplay(step, lambda: [weight], lambda: None, lambda: torch_xla.sync(wait=True))
+    replay = GraphReplay(Program(step, [weight]), XlaRuntime(RuntimeConfig()))
     with pytest.raises(StepNotReplayable, match="outside its state"):
         replay({"x": torch.ones(8, device=device)})
     torch_xla.sync()

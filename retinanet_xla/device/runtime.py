@@ -1,0 +1,186 @@
+"""The one interface between the loop and a backend: ``Runtime`` and its ``ReplicaGroup``.
+
+The trainer, the evaluator, the detector and bench talk to a ``Runtime`` and never ask which
+backend it is. Each execution model implements it once: ``device/xla`` (lazy tensors, graph
+replay, ``xmp.spawn``) and ``device/eager.py`` (eager CPU or CUDA, one device). Which one runs is
+``device/choice.py``'s decision, from ``runtime.device``.
+
+The base classes are one replica's view: a ``ReplicaGroup`` of one, whose collectives return
+their input, and a runtime that runs each step as it is called.
+"""
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from retinanet_xla.device.feed import TimedBatches
+from retinanet_xla.errors import ConfigError
+
+Batch = Dict[str, Tensor]
+
+
+class StepProgram(Protocol):
+    """What a training step gives the runtime to compile (``Runtime.compile_step``)."""
+
+    def trace(self, batch: Batch) -> Batch:
+        """One step: forward, loss, backward, update; device tensors out."""
+
+    def state_tensors(self) -> Sequence[Tensor]:
+        """Every tensor the step reads from one call to the next or updates in place."""
+
+    def after_trace(self) -> None:
+        """Drop what a traced step leaves that is neither state nor output (gradients)."""
+
+
+class CompiledStep(Protocol):
+    waited_seconds: float  # in calls, waiting for the device to finish the step before
+
+    def __call__(self, batch: Batch) -> Batch: ...
+
+
+class EveryCall:
+    """The step itself, run (eagerly) or traced (lazily) at every call."""
+
+    waited_seconds = 0.0
+
+    def __init__(self, program: StepProgram):
+        self.program = program
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.program.trace(batch)
+
+
+def split_batch(batch_size: int, world: int, key: str) -> int:
+    """Each of ``world`` replicas' part of a global batch (``key`` names the setting in the
+    error): the one rule, checked before replicas start where their number is known."""
+    if batch_size % world:
+        raise ConfigError(f"{key} {batch_size} is not divisible by the {world} replicas")
+    return batch_size // world
+
+
+class ReplicaGroup:
+    """This replica and the collectives it joins: a group of one here, where every collective
+    returns its input. Every replica calls a collective at the same point of the same step.
+    Decisions that end the run normally (a stop request, a non-finite loss) are ``agree``\\ d,
+    so that every replica leaves the loop at the same step."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch_size: int, key: str) -> int:
+        """Each replica's part of a global batch (``key`` names the setting in the error)."""
+        return split_batch(batch_size, self.world, key)
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """The mean over replicas of a tensor without gradient (the loss normaliser), in the step."""
+        return tensor
+
+    def differentiable_mean(self, tensor: Tensor) -> Tensor:
+        """The mean over replicas, with gradient (cross-replica BatchNorm statistics)."""
+        return tensor
+
+    def average_gradients(self, parameters: List[nn.Parameter]) -> None:
+        """Average gradients over replicas in place, inside the step."""
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every replica's host ``tensor`` (same shape everywhere), concatenated along dim 0 in
+        rank order, on the host of every replica. Waits for the device."""
+        return tensor
+
+    def agree(self, flags: Sequence[bool]) -> List[bool]:
+        """Each flag is true if it is true on any replica. Waits for the device: call it only
+        where the loop reads values anyway."""
+        return list(flags)
+
+    def from_master(self, value: int) -> int:
+        """Replica 0's ``value`` (a non-negative int, or -1) on every replica: a decision taken
+        once, such as the checkpoint to resume from."""
+        return value
+
+    def barrier(self) -> None:
+        """Wait on the host until every replica arrives (the master writing a checkpoint)."""
+
+
+class Runtime:
+    """One replica's device: where the model lives, how its step is compiled and launched, and
+    what the loop can ask of it (timings, compilations, a profile)."""
+
+    kind: str  # the resolved runtime.device: xla | cpu | cuda
+    device: torch.device
+    replicas: ReplicaGroup
+    compile_cache: Optional[Path] = None
+    step_graph: str = "eager"  # how a step runs, as bench reports it
+    lazy: bool = False  # steps are traced and run at end_step (bench --trace-only needs it)
+
+    def __init__(self):
+        self._after_step: List = []
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """``model`` on this device, with this backend's kernels where it has any: the one
+        place a model meets the backend. Same parameters and state dict."""
+        return model.to(self.device)
+
+    def compile_step(self, program: StepProgram) -> CompiledStep:
+        """The training step as this backend runs it; ``__call__`` launches one step."""
+        return EveryCall(program)
+
+    def prepare_state(self, tensors: Iterable[Tensor]) -> None:
+        """Make freshly loaded state ready for step 1 (built or restored weights, buffers)."""
+
+    def end_step(self, collective: bool = True) -> None:
+        """End the step the loop just called: the device runs it (lazily traced work starts
+        here); then the ``on_step_end`` callbacks get their values. ``collective``: the step
+        may hold collectives (a training step), which every replica ends at the same point;
+        an evaluation batch holds none."""
+        pending, self._after_step = self._after_step, []
+        for callback, tensors in pending:
+            callback({key: value.item() for key, value in tensors.items()})
+
+    def on_step_end(self, callback: Callable[[Dict[str, float]], None], tensors: Dict[str, Tensor]) -> None:
+        """Call ``callback(values)`` with host copies of ``tensors`` right after the next
+        ``end_step``: only the steps that log pay the wait for the device."""
+        self._after_step.append((callback, tensors))
+
+    def discard_pending(self) -> None:
+        """Drop traced work not yet run (``bench --trace-only``); nothing to drop when eager."""
+
+    def device_batches(self, batches: Iterable[Batch], host_keys: Sequence[str] = ()) -> TimedBatches:
+        """Host batches on the device, for train, eval, predict and bench alike; the
+        ``host_keys`` of each batch stay on the host (what the loop reads there)."""
+        raise NotImplementedError
+
+    def autocast(self, precision: str):
+        if precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def wait(self) -> None:
+        """Block until this device has finished all launched work (for honest timings)."""
+
+    def compilations(self) -> Dict[str, float]:
+        """Graphs compiled so far in this process and the seconds spent compiling them."""
+        return {"count": 0, "seconds": 0.0}
+
+    def device_seconds(self) -> Optional[float]:
+        """Seconds this device has spent executing so far; None where it is not known."""
+        return None
+
+    def start_profile(self, log_dir: Path) -> None:
+        """Start a trace of host and device activity that TensorBoard's profile tab reads."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._profile = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler(str(log_dir)))
+        self._profile.start()
+
+    def stop_profile(self) -> None:
+        profile = getattr(self, "_profile", None)
+        if profile is not None:
+            self.wait()
+            profile.stop()
+            self._profile = None

@@ -1,0 +1,32 @@
+"""The timing and compilation part of a run's summary, the same keys for ``train``'s
+``summary.json`` and ``bench``'s JSON."""
+
+from typing import Dict, Optional
+
+from retinanet_xla.device.runtime import Runtime
+
+WAIT_KEYS = ("device_wait_fraction", "input_wait_fraction", "device_idle_fraction")
+CACHE_KEYS = ("cache_hits", "cache_misses", "cache_load_failures")
+
+
+def timing_summary(
+    runtime: Runtime,
+    first_step_seconds: float,
+    images_per_second: Optional[float],
+    compilations_after_warmup: int,
+    waits: Dict[str, Optional[float]],
+) -> Dict:
+    """``waits``: ``InputWait.fractions()`` after step 1 (empty when no step followed it)."""
+    compiled = runtime.compilations()
+    return {
+        "device": str(runtime.device),
+        "replicas": runtime.replicas.world,
+        "first_step_seconds": round(first_step_seconds, 3),
+        "images_per_second": None if images_per_second is None else round(images_per_second, 3),
+        **{key: waits.get(key) for key in WAIT_KEYS},
+        "compilations_total": compiled["count"],
+        "compilations_after_warmup": compilations_after_warmup,
+        "compile_seconds": round(compiled["seconds"], 3),
+        "compile_cache": str(runtime.compile_cache) if runtime.compile_cache else None,
+        **{key: compiled[key] for key in CACHE_KEYS if key in compiled},
+    }
