@@ -19,3 +19,17 @@ def test_console_script_is_installed_and_shows_help():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "Usage: retinanet-xla" in result.stdout
+
+
+def test_the_console_script_starts_one_interpreter_on_the_cpu_client(tmp_path):
+    """No command re-executes itself (an earlier version restarted under PJRT_DEVICE=CPU with
+    glibc tunables, which its data-loader workers inherited): every interpreter that starts
+    runs the ``sitecustomize`` below once, so a restart would add a line."""
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import os\nwith open({str(tmp_path / 'starts')!r}, 'a') as f:\n    f.write(str(os.getpid()) + '\\n')\n"
+    )
+    script = Path(sys.executable).parent / "retinanet-xla"
+    env = {"PATH": "/usr/bin:/bin", "PJRT_DEVICE": "CPU", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and "Usage: retinanet-xla" in result.stdout
+    assert len((tmp_path / "starts").read_text().split()) == 1

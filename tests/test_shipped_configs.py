@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from retinanet_xla.config import load_config
 from tests.cli_helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.xla
@@ -34,7 +33,4 @@ def test_every_shipped_config_trains_two_steps(config, tmp_path, capsys, monkeyp
     # The host's time per step call is measured, and on XLA it is tracing only: less than the step.
     assert 0 < bench["trace_seconds"] <= bench["step_seconds"] and bench["trace_seconds_spread"] >= 0
     assert f"host {bench['trace_seconds'] * 1000:.1f} +- " in result.stdout
-    # The step ran as the config says, not as a default.
-    settings = load_config(config, SMALL)
-    assert bench["image_size"] == [64, 64] and bench["batch_size"] == 2
-    assert settings.train.steps > 2 and settings.train.precision in ("bf16", "fp32")
+    assert bench["image_size"] == [64, 64] and bench["batch_size"] == 2  # the overrides reached the step
