@@ -321,9 +321,7 @@ class RuntimeConfig:
     device: str = "xla"  # xla | cpu | cuda (eager, the same loop) | auto (xla on a TPU or with PJRT_DEVICE, else cuda, else cpu)
     num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
-    profile_steps: Optional[List[int]] = (
-        None  # [first, last]: a profiler trace of those train steps (torch_xla, or torch.profiler eagerly)
-    )
+    profile_steps: Optional[List[int]] = None  # [first, last]: a profiler trace of those train steps
     step_graph: str = "replay"  # replay: trace the train step once, then rerun its graph | retrace: trace every step
 
     def __post_init__(self):
