@@ -1,9 +1,8 @@
 """Run a training step's compiled graph again without tracing it again.
 
 With lazy tensors the host re-runs the step's Python every step, only to find the graph it
-already compiled: for the 640-3x step (ResNet-50 FPN, batch 8) that took 100-210 ms of host
-time per step on a 2-core CPU, more than a TPU v3 core needs to run it (docs/performance.md).
-``GraphReplay`` traces the step once, on the first call. From what it traced it keeps
+already compiled, which for a ResNet-50 FPN takes longer than a TPU core needs to run the step
+(docs/performance.md, "Host time per step"). ``GraphReplay`` traces the step once, on the first call. From what it traced it keeps
 
 - the compiled graph, found by its hash in torch_xla's computation cache;
 - the graph's inputs, each tagged: a tensor of the step's state (weights, buffers, optimizer
@@ -15,8 +14,7 @@ Every later call looks up the current state and batch tensors, runs the cached g
 (``_run_cached_graph``, what torch_xla's dynamo bridge replays with) and copies the outputs
 into the updated state tensors (one ``_foreach_copy_``, which points each at its new device
 buffer): the same Python tensors, so the model, the optimizer and checkpoints see the new
-values. The host's cost per step is then a
-few milliseconds (7-11 ms for the 640-3x step), whatever the model.
+values. The host's cost per step is then a few milliseconds, whatever the model.
 
 What it needs from the step: the same graph every call for batches of the same shapes, which
 the trainer already guarantees ("zero compilations after warm-up"), and every tensor it updates
