@@ -4,9 +4,9 @@
 import time
 
 
-def fail_on_replica_1(replicas) -> None:
+def fail_on_replica_1(runtime) -> None:
     """Replica 1 fails at once; replica 0 would wait far longer than the test allows (a sleep,
     not a collective, so that only the launcher can end it, not XLA's rendezvous timeout)."""
-    if replicas.rank == 1:
+    if runtime.replicas.rank == 1:
         raise RuntimeError("injected failure")
     time.sleep(600)

@@ -114,6 +114,7 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
     warm_seconds = warm.seconds()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     waits = input_wait.fractions()
+    compiled = runtime.compilations()  # before the gather below, which compiles a graph of its own
     final_loss = float(outputs["loss"].cpu())
     # Every replica's timings, on the master (replicas in lockstep through the all-reduce: the
     # slowest sets the pace).
@@ -136,9 +137,10 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
     }
     summary = timing_summary(
         runtime,
+        compiled,
         first_step_seconds=float(times[:, 0].max()),
         images_per_second=config.train.batch_size / step_seconds,
-        compilations_after_warmup=runtime.compilations()["count"] - compiled_at_warmup["count"],
+        compilations_after_warmup=compiled["count"] - compiled_at_warmup["count"],
         waits=slowest_waits,
     )
     return {

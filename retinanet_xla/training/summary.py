@@ -11,13 +11,14 @@ CACHE_KEYS = ("cache_hits", "cache_misses", "cache_load_failures")
 
 def timing_summary(
     runtime: Runtime,
+    compiled: Dict[str, float],
     first_step_seconds: float,
     images_per_second: Optional[float],
     compilations_after_warmup: int,
     waits: Dict[str, Optional[float]],
 ) -> Dict:
-    """``waits``: ``InputWait.fractions()`` after step 1 (empty when no step followed it)."""
-    compiled = runtime.compilations()
+    """``compiled``: ``runtime.compilations()`` when the timed steps ended; ``waits``:
+    ``InputWait.fractions()`` after step 1 (empty when no step followed it)."""
     return {
         "device": str(runtime.device),
         "replicas": runtime.replicas.world,

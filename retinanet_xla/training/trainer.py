@@ -168,7 +168,7 @@ class Trainer:
         restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), s.step]
         restored += list(s.ema.model.state_dict().values()) if s.ema is not None else []
         self.runtime.prepare_state(restored)  # before the first step
-        logger.info("resuming from %s (step %d)", path, self.start_step)
+        logger.warning("resuming from %s (step %d)", path, self.start_step)
 
     def _save(self, step: int) -> None:
         """The master writes (every replica holds the same weights); the others wait for it
@@ -323,6 +323,7 @@ class Trainer:
             "wall_seconds": round(loop.clock.seconds(), 3),
             **timing_summary(
                 self.runtime,
+                self.runtime.compilations(),
                 first_step_seconds=loop.first_step_seconds,
                 images_per_second=warm_steps * c.batch_size / warm_seconds if warm_steps > 0 and warm_seconds else None,
                 compilations_after_warmup=loop.compiles.after_warmup() if steps_run else 0,
