@@ -177,13 +177,6 @@ class XlaRuntime(Runtime):
         """A background thread copies the next batches while the device runs this step."""
         return TimedBatches(DeviceFeed(batches, self.device, host_keys))
 
-    def autocast(self, precision: str):
-        import contextlib
-
-        if precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="xla", dtype=torch.bfloat16)
-
     def wait(self) -> None:
         import torch_xla.core.xla_model as xm
 
