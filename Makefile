@@ -1,34 +1,60 @@
-# `make test` and `make demo` work in a fresh clone with only Python and PyPI: they create .venv.
+# `make test` and `make demo` work in a fresh clone with only Python and PyPI: they create the
+# environments. Two, because torch-xla 2.9.0 (its last release) needs exactly torch 2.9.0:
+#   .venv         torch-xla and its torch 2.9.0: runtime.device xla (the demo, the XLA tests)
+#   .venv-native  PyPI's current torch, and TorchTPU where it installs: the native backend
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NATIVE_VENV := .venv-native
+NATIVE_BIN := $(NATIVE_VENV)/bin
+NATIVE_STAMP := $(NATIVE_VENV)/.installed
+# The newest torch this machine's package mirror holds for Python 3.11 (PyPI's is 2.15); the
+# package itself has no upper pin. torch-tpu 0.2.0 supports torch 2.11 to 2.15.
+NATIVE_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint test test-fast demo bench bench-backbones bench-ratios clean
+.PHONY: install lint test test-xla test-native test-fast demo bench bench-backbones bench-ratios clean
 
 # --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
 # pip's cache; a CI run on a full disk failed with ENOSPC during this install.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev,xla]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# torch first, pinned, so that the package's unpinned torch does not pick another build. TorchTPU
+# is a CPython 3.11 wheel: elsewhere it is left out (its tests then check its absence).
+$(NATIVE_STAMP): pyproject.toml
+	test -x $(NATIVE_BIN)/python || $(PYTHON) -m venv $(NATIVE_VENV)
+	$(NATIVE_BIN)/python -m pip install --quiet --upgrade pip
+	$(NATIVE_BIN)/python -m pip install --quiet --no-cache-dir $(NATIVE_TORCH)
+	$(NATIVE_BIN)/python -m pip install --quiet --no-cache-dir -e '.[dev]' $(NATIVE_TORCH)
+	if $(NATIVE_BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
+		$(NATIVE_BIN)/python -m pip install --quiet --no-cache-dir 'torch-tpu>=0.2.0' $(NATIVE_TORCH); fi
+	touch $(NATIVE_STAMP)
 
-# Everything: lint, format and the layer contract (seconds), then the tests, including the
-# end-to-end ones on the CPU XLA device.
-test: lint
-	PJRT_DEVICE=CPU $(BIN)/python -m pytest -q
+install: $(STAMP) $(NATIVE_STAMP)
+
+# Everything: lint, format and the layer contracts (seconds), then both environments' tests:
+# the end-to-end ones on the CPU XLA device, then the native backend's (torch.compile, gloo).
+# Each environment's suite drives the other's CLI once (a checkpoint across backends).
+test: lint test-xla test-native
+
+test-xla: $(STAMP) $(NATIVE_STAMP)
+	PJRT_DEVICE=CPU RETINANET_NATIVE_ENV=$(abspath $(NATIVE_BIN)) $(BIN)/python -m pytest -q
+
+test-native: $(STAMP) $(NATIVE_STAMP)
+	RETINANET_XLA_ENV=$(abspath $(BIN)) $(NATIVE_BIN)/python -m pytest -q -m "not xla"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# Eager unit tests only (seconds): the math, without XLA compilation.
+# Eager unit tests only (seconds): the math, without XLA compilation or torch.compile.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not xla"
+	$(BIN)/python -m pytest -q -m "not xla and not native"
 
 # Train the smoke model on the synthetic dataset on CPU XLA, evaluate it, and export it to ONNX
 # checked against the package (about 10 minutes on a 2-core CPU after the one-time install).
@@ -68,4 +94,4 @@ bench-ratios: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/xla_vs_eager.py --pairs 2 --json runs/bench/xla-vs-eager.json
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(NATIVE_VENV) build dist *.egg-info .pytest_cache

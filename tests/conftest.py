@@ -1,19 +1,31 @@
+"""Two environments run these tests (the README's `make test`): `.venv` has torch-xla (every
+test but tests/native/), `.venv-native` PyPI's current torch (tests/native/ and the eager unit
+tests, `-m "not xla"`)."""
+
+import importlib.util
 import os
 
 import pytest
 
-# The XLA tests run on the CPU PJRT client; set before torch_xla is first imported.
-os.environ.setdefault("PJRT_DEVICE", "CPU")
+# As the console script does: TorchTPU, where installed, would load with torch otherwise.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
-import torch_xla  # noqa: E402
+# tests/native/ needs PyPI's current torch (torch.compile of the whole step), never torch-xla's.
+collect_ignore = ["native"] if importlib.util.find_spec("torch_xla") is not None else []
 
-from retinanet_xla.device.xla.runtime import prefer_nonblocking_cpu_client  # noqa: E402
+if importlib.util.find_spec("torch_xla") is not None:
+    # The XLA tests run on the CPU PJRT client; set before torch_xla is first imported.
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
 
-prefer_nonblocking_cpu_client()  # as every XlaRuntime does; before the client below exists
+    import torch_xla
 
-# The XLA device must exist before the autograd engine starts (the first eager backward in any
-# test); otherwise a later XLA backward fails with "device_ready_queues_ ... INTERNAL ASSERT".
-torch_xla.device()
+    from retinanet_xla.device.xla.runtime import prefer_nonblocking_cpu_client
+
+    prefer_nonblocking_cpu_client()  # as every XlaRuntime does; before the client below exists
+
+    # The XLA device must exist before the autograd engine starts (the first eager backward in
+    # any test); otherwise a later XLA backward fails with "device_ready_queues_ ... INTERNAL ASSERT".
+    torch_xla.device()
 
 
 @pytest.fixture(scope="session")

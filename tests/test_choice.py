@@ -28,24 +28,28 @@ def test_the_cpu_client_launches_without_waiting_unless_the_user_says_otherwise(
 
 
 @pytest.mark.parametrize(
-    "setting, pjrt_device, chips, cuda, expected",
+    "setting, pjrt_device, chips, installed, cuda, expected",
     [
-        ("auto", "CPU", False, True, "xla"),  # PJRT_DEVICE names XLA's device, even beside a GPU
-        ("auto", None, True, False, "xla"),  # a TPU VM where PJRT_DEVICE is not set
-        ("auto", None, False, True, "cuda"),
-        ("auto", None, False, False, "cpu"),
-        ("xla", None, False, False, "xla"),  # an explicit device is never second-guessed
-        ("cpu", "TPU", True, True, "cpu"),
+        ("auto", "CPU", False, {"torch_xla"}, True, "xla"),  # PJRT_DEVICE names XLA's device, even beside a GPU
+        ("auto", None, True, {"torch_tpu", "torch_xla", "libtpu"}, False, "tpu"),  # TorchTPU first on a TPU VM
+        ("auto", None, True, {"torch_xla", "libtpu"}, False, "xla"),  # a TPU VM with torch-xla's TPU runtime
+        ("auto", None, True, {"torch_xla"}, False, "cpu"),  # chips, but torch-xla without its TPU runtime
+        ("auto", None, False, {"torch_tpu"}, False, "cpu"),  # TorchTPU installed on a machine without TPUs
+        ("auto", None, False, set(), True, "cuda"),
+        ("auto", None, False, set(), False, "cpu"),
+        ("xla", None, False, {"torch_xla"}, False, "xla"),  # an explicit device is never second-guessed
+        ("cpu", "TPU", True, {"torch_tpu", "torch_xla", "libtpu"}, True, "cpu"),
     ],
 )
-def test_runtime_device_auto_is_xla_where_xla_has_a_device_else_cuda_else_cpu(
-    monkeypatch, setting, pjrt_device, chips, cuda, expected
+def test_runtime_device_auto_picks_xla_with_pjrt_device_then_torchtpu_then_torch_xla_on_chips_then_cuda_then_cpu(
+    monkeypatch, setting, pjrt_device, chips, installed, cuda, expected
 ):
     if pjrt_device is None:
         monkeypatch.delenv("PJRT_DEVICE", raising=False)
     else:
         monkeypatch.setenv("PJRT_DEVICE", pjrt_device)
     monkeypatch.setattr(choice, "tpu_chips_present", lambda: chips)
+    monkeypatch.setattr(choice, "_installed", lambda module: module in installed)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert choice.resolve_device(setting) == expected
 

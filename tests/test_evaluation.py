@@ -8,7 +8,7 @@ from retinanet_xla.config import load_config
 from retinanet_xla.data import load_coco
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.device.choice import create_runtime
-from retinanet_xla.device.eager import EagerRuntime
+from retinanet_xla.device.native.runtime import CpuRuntime
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth, ground_truth_as_detections
 from retinanet_xla.inference.evaluator import ShardDetections
 from retinanet_xla.ops import BoxCoder
@@ -167,7 +167,7 @@ def test_evaluation_batches_come_through_the_runtimes_device_feed(synthetic):
     from retinanet_xla.models import build_model
     from tests.cli_helpers import ROOT, TINY
 
-    class RecordingRuntime(EagerRuntime):
+    class RecordingRuntime(CpuRuntime):
         def device_batches(self, batches, host_keys=()):
             self.feeds.append({"host_keys": tuple(host_keys), "batches": 0})
 
@@ -180,7 +180,7 @@ def test_evaluation_batches_come_through_the_runtimes_device_feed(synthetic):
 
     config = load_config(ROOT / "configs" / "smoke.yaml", [*TINY, "runtime.device=cpu", "eval.score_threshold=0.0"])
     coco = load_coco(synthetic["val"]["annotations"], synthetic["val"]["images"])
-    runtime = RecordingRuntime(config.runtime, "cpu")
+    runtime = RecordingRuntime(config.runtime)
     runtime.feeds = []
     model = runtime.place_model(build_model(config))
     evaluator = Evaluator(config, coco, runtime, show_progress=False)

@@ -74,7 +74,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [*FORMATS[:-1], pytest.param("stablehlo", marks=pytest.mark.xla)])
 def test_every_format_matches_the_package_through_the_cli(fmt, checkpoint, tmp_path, capsys, monkeypatch):
     result = run_cli(
         capsys, monkeypatch, "export", checkpoint, "--format", fmt, "--output", tmp_path, "--batch-size", "2", "--check"

@@ -28,7 +28,7 @@ def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias):
         for model in (ours_model, reference_model):
             model.zero_grad(set_to_none=True)
             model(x).square().mean().backward()
-        ours.step(torch.tensor(0.1))
+        ours.step(torch.tensor(0.1), [p.grad for p in ours.params])
         reference.step()
     for a, b in zip(ours_model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(a, b)

@@ -149,7 +149,6 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
         if data_root is not None
         else "in-memory random batches",
         "steps": steps,
-        "step_graph": runtime.step_graph,
         "batch_size": config.train.batch_size,
         "image_size": list(config.data.image_size),
         "step_seconds": round(step_seconds, 4),

@@ -17,7 +17,8 @@ MODEL_PARTS = ("backbone", "fpn", "head")
 P6_INPUTS = ("p5", "c5")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
-DEVICES = ("xla", "cpu", "cuda", "auto")
+DEVICES = ("auto", "xla", "tpu", "cuda", "cpu")
+COMPILE_CHOICES = ("auto", True, False)
 STEP_GRAPHS = ("replay", "retrace")
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 
@@ -318,14 +319,20 @@ class EvalConfig(PostprocessConfig):
 
 @dataclass
 class RuntimeConfig:
-    device: str = "xla"  # xla | cpu | cuda (eager, the same loop) | auto (xla on a TPU or with PJRT_DEVICE, else cuda, else cpu)
-    num_devices: Optional[int] = None  # replicas: null = every local XLA device, 1 = in this process
+    # auto | xla (torch-xla) | tpu (TorchTPU) | cuda | cpu. auto: xla with PJRT_DEVICE set, else
+    # TorchTPU on a TPU VM that has it, else torch-xla on a TPU VM that has it, else cuda, else cpu
+    device: str = "auto"
+    num_devices: Optional[int] = None  # replicas: null = every local device, 1 = in this process
+    # native devices (cpu, cuda, tpu): the whole train step as one torch.compile graph. auto: on
+    # for cuda and tpu, off for cpu (docs/performance.md, "Native backend")
+    compile: Union[bool, str] = "auto"
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: a profiler trace of those train steps
     step_graph: str = "replay"  # replay: trace the train step once, then rerun its graph | retrace: trace every step
 
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)
+        _require(self.compile in COMPILE_CHOICES, "compile", self.compile, "auto, true or false")
         _one_of("step_graph", self.step_graph, STEP_GRAPHS)
         _require(self.num_devices is None or self.num_devices >= 1, "num_devices", self.num_devices, ">= 1 or null")
         profile = self.profile_steps
@@ -353,6 +360,7 @@ __all__ = [
     "BOX_LOSSES",
     "BackboneConfig",
     "Config",
+    "COMPILE_CHOICES",
     "DEVICES",
     "DataConfig",
     "EVAL_BACKENDS",

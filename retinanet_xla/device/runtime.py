@@ -2,7 +2,8 @@
 
 The trainer, the evaluator, the detector and bench talk to a ``Runtime`` and never ask which
 backend it is. Each execution model implements it once: ``device/xla`` (lazy tensors, graph
-replay, ``xmp.spawn``) and ``device/eager.py`` (eager CPU or CUDA, one device). Which one runs is
+replay, ``xmp.spawn``) and ``device/native`` (CPU, CUDA or TorchTPU, eager or ``torch.compile``,
+processes joined by ``torch.distributed``). Which one runs is
 ``device/choice.py``'s decision, from ``runtime.device``.
 
 The base classes are one replica's view: a ``ReplicaGroup`` of one, whose collectives return
@@ -16,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
 from retinanet_xla.errors import ConfigError
 
@@ -86,8 +88,9 @@ class ReplicaGroup:
         """The mean over replicas, with gradient (cross-replica BatchNorm statistics)."""
         return tensor
 
-    def average_gradients(self, parameters: List[nn.Parameter]) -> None:
-        """Average gradients over replicas in place, inside the step."""
+    def average_gradients(self, gradients: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        """The gradients averaged over replicas, inside the step (None stays None)."""
+        return gradients
 
     def gather(self, tensor: Tensor) -> Tensor:
         """Every replica's host ``tensor`` (same shape everywhere), concatenated along dim 0 in
@@ -112,15 +115,39 @@ class Runtime:
     """One replica's device: where the model lives, how its step is compiled and launched, and
     what the loop can ask of it (timings, compilations, a profile)."""
 
-    kind: str  # the resolved runtime.device: xla | cpu | cuda
+    kind: str  # the resolved runtime.device: xla | cpu | cuda | tpu
     device: torch.device
     replicas: ReplicaGroup
     compile_cache: Optional[Path] = None
-    step_graph: str = "eager"  # how a step runs, as bench reports it
+    step_graph: str = "eager"  # how a step runs, as bench reports it: replay | retrace | compiled | eager
     lazy: bool = False  # steps are traced and run at end_step (bench --trace-only needs it)
 
     def __init__(self):
         self._after_step: List = []
+
+    # -- starting replicas (class methods: no device exists yet) ---------------------------
+
+    @classmethod
+    def local_replica_count(cls, settings: RuntimeConfig) -> Optional[int]:
+        """Replicas a command runs on this host (None: every local device), known before any
+        device is touched (the replicas start first)."""
+        raise NotImplementedError
+
+    @classmethod
+    def spawn(cls, entry: Callable, args: tuple, settings: RuntimeConfig) -> None:
+        """``entry(index, *args)`` in every local replica; an exception raised by a replica is
+        raised here, and a replica that ends its process breaks the launch."""
+        raise NotImplementedError
+
+    @classmethod
+    def in_spawned_replica(cls, settings: RuntimeConfig, index: int) -> "Runtime":
+        """Replica ``index``'s runtime, inside ``spawn``."""
+        raise NotImplementedError
+
+    @classmethod
+    def in_this_process(cls, settings: RuntimeConfig) -> "Runtime":
+        """The runtime of a command's only local replica."""
+        raise NotImplementedError
 
     def place_model(self, model: nn.Module) -> nn.Module:
         """``model`` on this device, with this backend's kernels where it has any: the one

@@ -2,8 +2,9 @@
 ``launch``: the replica's function is the same for one device or many).
 
 The backend starts the replicas (``Runtime.spawn``: on torch-xla, ``xmp.spawn``, one process per
-TPU chip, or on the CPU client one child process with a thread per device) and gives each its
-runtime (``Runtime.in_spawned_replica``); this module owns what is the same for every backend:
+TPU chip, or on the CPU client one child process with a thread per device; on a native device,
+one process per device joined by ``torch.distributed``) and gives each its runtime
+(``Runtime.in_spawned_replica``); this module owns what is the same for every backend:
 signals, failures and the master's result.
 
 A replica that fails ends its whole process at once (``os._exit``): the others would otherwise
@@ -39,7 +40,7 @@ def run_on_local_replicas(function: Callable[..., Any], args: tuple, config: Con
     call returned (through a JSON file when the replicas run in a child process). Callers check
     what must hold for every replica (batch sizes) and write shared data before calling."""
     backend = runtime_class(config.runtime.device)
-    if backend.local_replica_count(config.runtime.num_devices) == 1:
+    if backend.local_replica_count(config.runtime) == 1:
         return function(create_runtime(config.runtime), *args)
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
         result = Path(scratch) / "master.json"
@@ -58,7 +59,7 @@ def _replica_entry(
 ) -> None:
     """Run one replica. ``agreed_errors`` are raised by every replica at the same step and go
     back to the launcher; anything else ends the whole process at once with a message."""
-    runtime = backend.in_spawned_replica(settings)
+    runtime = backend.in_spawned_replica(settings, index)
     try:
         function(runtime, *args)
     except agreed_errors:
@@ -86,7 +87,7 @@ def launch(backend: type, settings: RuntimeConfig, function: Callable, args: tup
 
     def spawn() -> None:
         try:
-            backend.spawn(_replica_entry, (backend, settings, function, args, agreed_errors), settings.num_devices)
+            backend.spawn(_replica_entry, (backend, settings, function, args, agreed_errors), settings)
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = error
 

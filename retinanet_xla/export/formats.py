@@ -1,6 +1,7 @@
 """Write the detector in each serving format, with a metadata JSON beside it, and run what was
 written (``--check`` and the tests)."""
 
+import importlib.util
 import json
 import warnings
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ def export(loaded: LoadedModel, fmt: str, output_dir: Path, batch_size: int = 1,
     ``model.pt2`` or ``stablehlo/``) and ``<same>.json`` with what a caller needs."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if fmt == "stablehlo" and importlib.util.find_spec("torch_xla") is None:
+        raise ConfigError("--format stablehlo needs torch-xla's StableHLO writer: pip install 'retinanet-xla[xla]'")
     output_dir.mkdir(parents=True, exist_ok=True)
     candidates, detector = build_detectors(loaded, uint8_input)
     inputs = example_inputs(batch_size, loaded.config.data.image_size, uint8_input)

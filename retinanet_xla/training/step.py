@@ -66,20 +66,20 @@ class TrainStep:
         return self._launch.waited_seconds
 
     def after_trace(self) -> None:
-        self.model.zero_grad(set_to_none=True)
+        """Nothing to drop: the gradients are values of the step, never stored in ``.grad``."""
 
     def trace(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """One step, run eagerly or traced lazily (what ``__call__`` runs or replays)."""
-        # Fresh gradients every step (set_to_none) keep "grad is None" constant across steps.
-        self.model.zero_grad(set_to_none=True)
+        """One step, run eagerly, traced lazily or compiled (what ``__call__`` runs or replays).
+        The gradients come from ``torch.autograd.grad``, not ``backward()`` into ``.grad``: the
+        same math on every backend, and ``torch.compile`` traces it into the step's one graph."""
         with self.runtime.autocast(self.precision):
             outputs = self.model(self.model.normalize(batch["images"]))
         losses = self.loss_fn(outputs, self.anchors, batch["boxes"], batch["labels"], batch["crowd"])
-        losses["loss"].backward()
-        self.replicas.average_gradients(self.optimizer.params)
-        grad_norm = self._clip_gradients()
+        gradients = list(torch.autograd.grad(losses["loss"], self.optimizer.params, allow_unused=True))
+        gradients = self.replicas.average_gradients(gradients)
+        grad_norm = self._clip_gradients(gradients)
         lr = self.schedule(self.step)
-        self.optimizer.step(lr)
+        self.optimizer.step(lr, gradients)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
@@ -95,11 +95,11 @@ class TrainStep:
         }
 
     @torch.no_grad()
-    def _clip_gradients(self) -> Tensor:
+    def _clip_gradients(self, gradients: List[Optional[Tensor]]) -> Tensor:
         """Global gradient norm, and clipping to ``grad_clip_norm`` when set, on the device
         (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging). In
         ``_foreach`` ops, out of place then copied, for the host's tracing time (SGD.step)."""
-        grads = [p.grad for p in self.optimizer.params if p.grad is not None]
+        grads = [g for g in gradients if g is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         if self.grad_clip_norm > 0:
             factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)

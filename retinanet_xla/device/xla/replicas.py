@@ -5,7 +5,7 @@ Every collective sits inside a compiled graph; those that the host reads (``gath
 """
 
 import threading
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,13 +42,14 @@ class XlaReplicaGroup(ReplicaGroup):
             return tensor
         return _MeanOverReplicas.apply(tensor, self.world)
 
-    def average_gradients(self, parameters: List[torch.nn.Parameter]) -> None:
+    def average_gradients(self, gradients: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
         if self.world == 1:
-            return
+            return gradients
         import torch_xla.core.xla_model as xm
 
-        grads = [p.grad for p in parameters if p.grad is not None]
-        xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / self.world)
+        # A list is all-reduced in place, as one collective.
+        xm.all_reduce(xm.REDUCE_SUM, [g for g in gradients if g is not None], scale=1.0 / self.world)
+        return gradients
 
     def gather(self, tensor: Tensor) -> Tensor:
         """Each replica places its tensor in its own slot of a zero buffer on the host, and the

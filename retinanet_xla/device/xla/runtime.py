@@ -97,30 +97,35 @@ class XlaRuntime(Runtime):
     # -- starting replicas ----------------------------------------------------------------
 
     @staticmethod
-    def local_replica_count(num_devices: Optional[int]) -> Optional[int]:
+    def local_replica_count(settings: RuntimeConfig) -> Optional[int]:
         """Replicas on this host, known before the client exists (``xmp.spawn`` must come
         first): on the CPU client ``num_devices`` or else ``CPU_NUM_DEVICES``; on a TPU
         ``num_devices``, or None for every chip."""
+        num_devices = settings.num_devices
         if num_devices is not None or not on_cpu_client():
             return num_devices
         return int(os.environ.get("CPU_NUM_DEVICES", "1"))
 
     @staticmethod
-    def spawn(entry: Callable, args: tuple, num_devices: Optional[int]) -> None:
+    def spawn(entry: Callable, args: tuple, settings: RuntimeConfig) -> None:
         """``entry(index, *args)`` in one replica per local XLA device (``xmp.spawn``)."""
         import torch_xla.distributed.xla_multiprocessing as xmp
 
-        if num_devices is not None and on_cpu_client():
-            os.environ["CPU_NUM_DEVICES"] = str(num_devices)  # the CPU client's device count
+        if settings.num_devices is not None and on_cpu_client():
+            os.environ["CPU_NUM_DEVICES"] = str(settings.num_devices)  # the CPU client's device count
         prefer_nonblocking_cpu_client()  # the replica process creates its client before any runtime
         xmp.spawn(entry, args=args)
 
     @classmethod
-    def in_spawned_replica(cls, settings: RuntimeConfig) -> "XlaRuntime":
-        """This replica's runtime, from inside ``spawn``."""
+    def in_spawned_replica(cls, settings: RuntimeConfig, index: int) -> "XlaRuntime":
+        """This replica's runtime, from inside ``spawn`` (torch-xla knows its ordinal)."""
         import torch_xla.runtime as xr
 
         return cls(settings, xr.global_ordinal(), xr.world_size(), threaded=xr.process_count() == 1)
+
+    @classmethod
+    def in_this_process(cls, settings: RuntimeConfig) -> "XlaRuntime":
+        return cls(settings)
 
     # -- the step -------------------------------------------------------------------------
 

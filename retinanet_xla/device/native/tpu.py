@@ -1,0 +1,39 @@
+"""TorchTPU (``torch_tpu``): Cloud TPU chips as the native device ``tpu``. What differs from
+CUDA is these lines: the device type, ``torch.compile(backend="tpu")``, ``torch.distributed``'s
+``tpu_dist`` and ``torch.tpu`` for the device count and waits.
+
+Written from TorchTPU 0.2.0's API (its loader registers ``torch.tpu`` and the ``tpu_dist``
+process group on import); it has never run on a TPU here (docs/tpu.md says what ran where).
+``torch_tpu`` registers itself as one of torch's autoloaded device backends; the console script
+turns that autoload off (``retinanet_xla/__main__.py``) and this module imports it only when
+``runtime.device`` resolves to ``tpu``."""
+
+import importlib.util
+
+import torch
+
+from retinanet_xla.device.native.platforms import Platform, tpu_chips_present
+from retinanet_xla.errors import ConfigError
+
+
+def torchtpu_installed() -> bool:
+    return importlib.util.find_spec("torch_tpu") is not None
+
+
+def torchtpu_platform() -> Platform:
+    if not torchtpu_installed():
+        raise ConfigError("runtime.device is tpu but TorchTPU is not installed: pip install 'retinanet-xla[torchtpu]'")
+    if not tpu_chips_present():
+        raise ConfigError(
+            "runtime.device is tpu but no TPU is visible on this machine (no /dev/accel* or /dev/vfio); use runtime.device=cpu or auto"
+        )
+    import torch_tpu  # noqa: F401 - registers torch.tpu, the tpu compile backend and tpu_dist
+
+    return Platform(
+        "tpu",
+        compile_backend="tpu",
+        distributed_backend="tpu_dist",
+        local_devices=torch.tpu.device_count,
+        synchronize=torch.tpu.synchronize,
+        set_device=torch.tpu.set_device,
+    )

@@ -1,0 +1,88 @@
+"""Two replicas on the CPU as two processes joined by torch.distributed (gloo), through the real
+CLI: the update of one process with the same global batch, cross-replica BatchNorm statistics
+included, and an exact resume after the whole run is killed."""
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+
+from retinanet_xla.rundir.checkpoint import load_checkpoint
+from tests.cli_helpers import ROOT, SCRIPT, train_command
+from tests.native.helpers import ENV, cli, kill_group, metrics
+from tests.replica_checks import SETTINGS, UPDATE_TOLERANCES, initial_weights, update_differences
+
+pytestmark = pytest.mark.native
+
+# Eager steps (the comparison is of the replica group, not of the compiler), and a schedule that
+# does not depend on train.steps, so that a longer killed run shares steps 1-3 with these.
+NATIVE = [*SETTINGS, "runtime.device=cpu", "runtime.compile=false", "train.schedule.kind=step"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    output = tmp_path_factory.mktemp("two_processes")
+    result = cli(*train_command(output, *NATIVE, "runtime.num_devices=2")[1:])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output, result
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    output = tmp_path_factory.mktemp("one_process")
+    result = cli(*train_command(output, *NATIVE, "runtime.num_devices=1")[1:])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output
+
+
+def test_two_processes_train_with_one_log_and_every_checkpoint(two_processes):
+    output, result = two_processes
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["replicas"] == 2 and summary["images"] == 3 * 4  # the global batch
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (1, 2, 3)]
+    assert [step for step in metrics(output)] == [1, 2, 3]
+    assert result.stderr.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
+    assert summary["eval"]["AP"] >= 0.0  # the 7 validation images, sharded over both processes
+
+
+def test_two_processes_make_the_update_of_one_with_the_global_batch(two_processes, one_process):
+    """The same bounds as the XLA replicas' test (tests/replica_checks.py), statistics of
+    cross-replica BatchNorm included."""
+    output, _ = two_processes
+    start = initial_weights(one_process)
+    for step, (parameters, statistics) in UPDATE_TOLERANCES.items():
+        relative = update_differences(output, one_process, step, start)
+        assert relative["parameters"] < parameters and relative["statistics"] < statistics, f"step {step}: {relative}"
+    two, one = metrics(output), metrics(one_process)
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-5)
+    assert two[1]["num_foreground"] == pytest.approx(one[1]["num_foreground"] / 2)  # a mean over replicas
+
+
+def test_sigkill_of_the_whole_run_then_the_same_command_resumes_exactly(two_processes, tmp_path):
+    output, _ = two_processes
+    command = train_command(tmp_path, *NATIVE, "runtime.num_devices=2", "train.steps=300")
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=ROOT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "step_00000001.pt").exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+    finally:
+        kill_group(process)  # the launcher and both replica processes, as a lost VM would
+        process.wait(timeout=60)
+    assert not (tmp_path / "checkpoints" / "step_00000003.pt").exists(), "the run got past step 3 before the kill"
+
+    resumed = cli(*train_command(tmp_path, *NATIVE, "runtime.num_devices=2")[1:], script=SCRIPT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_from_step"] >= 1
+    expected, actual = metrics(output), metrics(tmp_path)
+    for step in (2, 3):
+        assert actual[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-5), step
+    final = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")["model"]
+    for name, tensor in load_checkpoint(output / "checkpoints" / "step_00000003.pt")["model"].items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5, msg=name)
