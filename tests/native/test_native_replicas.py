@@ -86,3 +86,17 @@ def test_sigkill_of_the_whole_run_then_the_same_command_resumes_exactly(two_proc
     final = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")["model"]
     for name, tensor in load_checkpoint(output / "checkpoints" / "step_00000003.pt")["model"].items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_the_same_command_under_torchrun_joins_its_processes(tmp_path):
+    """An external ``torchrun`` (how several hosts join) starts the processes; each is one
+    replica of its process group."""
+    torchrun = SCRIPT.parent / "torchrun"
+    args = ["--nproc-per-node", "2", "-m", "retinanet_xla", "bench", "configs/smoke.yaml", "--steps", "2"]
+    args += ["--json", tmp_path / "b.json"]
+    for override in ("runtime.num_devices=null", "runtime.device=cpu", "data.image_size=[64,64]", "model.fpn_channels=32"):
+        args += ["--set", override]
+    result = cli(*args, script=torchrun, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["replicas"] == 2 and bench["device"] == "cpu"
