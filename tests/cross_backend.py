@@ -81,3 +81,10 @@ def assert_the_run_continues_on_the_other_backend(first: tuple, second: tuple, o
     start = load_checkpoint(output / "crossed" / "checkpoints" / f"step_{N:08d}.pt")["model"]
     relative = update_differences(output / "crossed", output / "stayed", 2 * N, start)
     assert relative["parameters"] < UPDATE_TOLERANCE, relative
+
+
+def assert_the_crossed_run_evaluates(script: Path, output: Path, device: str, env) -> None:
+    """``eval`` of the run continued on the other backend, on that backend."""
+    evaluated = run([str(script), "eval", str(output / "crossed"), "--set", f"runtime.device={device}"], env)
+    metrics = json.loads(next((output / "crossed" / "eval").glob("step_*/metrics.json")).read_text())
+    assert set(metrics) >= {"AP", "AP50", "AP75"} and "AP" in evaluated.stdout

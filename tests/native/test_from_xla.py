@@ -1,12 +1,18 @@
 """A run trained on XLA:CPU (the torch-xla environment's CLI) resumes and evaluates on the
 native CPU backend (tests/cross_backend.py)."""
 
-import json
-
 import pytest
 
 from tests.cli_helpers import SCRIPT
-from tests.cross_backend import NATIVE, NATIVE_ENV, XLA, XLA_ENV, assert_the_run_continues_on_the_other_backend, other_script, run
+from tests.cross_backend import (
+    NATIVE,
+    NATIVE_ENV,
+    XLA,
+    XLA_ENV,
+    assert_the_crossed_run_evaluates,
+    assert_the_run_continues_on_the_other_backend,
+    other_script,
+)
 
 pytestmark = pytest.mark.native
 
@@ -14,6 +20,4 @@ pytestmark = pytest.mark.native
 def test_an_xla_run_resumes_and_evaluates_on_the_native_backend(tmp_path):
     xla = other_script("RETINANET_XLA_ENV", "torch-xla")
     assert_the_run_continues_on_the_other_backend((xla, XLA, XLA_ENV), (SCRIPT, NATIVE, NATIVE_ENV), tmp_path)
-    evaluated = run([str(SCRIPT), "eval", str(tmp_path / "crossed"), "--set", "runtime.device=cpu"], NATIVE_ENV)
-    metrics = json.loads(next((tmp_path / "crossed" / "eval").glob("step_*/metrics.json")).read_text())
-    assert set(metrics) >= {"AP", "AP50", "AP75"} and "AP" in evaluated.stdout
+    assert_the_crossed_run_evaluates(SCRIPT, tmp_path, "cpu", NATIVE_ENV)

@@ -10,7 +10,7 @@ import socket
 from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from multiprocessing import get_context
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,9 +129,6 @@ class NativeRuntime(Runtime):
         """Graphs ``torch.compile`` built in this process (a recompilation is one more), the
         seconds it took and its graph breaks, from torch's own counters."""
         return compile_counts()
-
-    def device_seconds(self) -> Optional[float]:
-        return None
 
 
 class CpuRuntime(NativeRuntime):
