@@ -83,6 +83,7 @@ bench: $(STAMP)
 	rm -rf runs/bench/train-with-eval
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla train configs/smoke.yaml --output runs/bench/train-with-eval --set train.steps=60 --set train.eval_every=30 --set train.log_every=20 > /dev/null
 	cp runs/bench/train-with-eval/summary.json runs/bench/train-with-eval.json
+	PJRT_DEVICE=CPU $(BIN)/python benchmarks/optimizers_xla.py --json runs/bench/optimizers-xla.json
 
 # Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 bench-backbones: $(STAMP)

@@ -3,12 +3,14 @@ import torch
 from torch import nn
 
 from retinanet_xla.config import OptimizerConfig, ScheduleConfig
-from retinanet_xla.training.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.training.optimizer import SGD, AdamW, LearningRateSchedule, build_optimizer, parameter_groups
 
 
 def small_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    # The ReLU between the convolution and BatchNorm gives the convolution's bias a real
+    # gradient: straight into BatchNorm it would get rounding noise, which Adam scales up.
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
 
 
 @pytest.mark.parametrize("nesterov,decay_norm_and_bias", [(True, True), (False, False)])
@@ -32,6 +34,53 @@ def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias):
         reference.step()
     for a, b in zip(ours_model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [True, False])
+def test_adamw_matches_torch_optim(decay_norm_and_bias):
+    """Five steps at a changing rate, the last with one parameter left without a gradient
+    (torch.optim leaves its state and step count alone), to 1e-6."""
+    ours_model, reference_model = small_model(), small_model()
+    config = OptimizerConfig(
+        name="adamw", betas=[0.8, 0.99], eps=1e-6, weight_decay=0.05, weight_decay_norm_and_bias=decay_norm_and_bias
+    )
+    ours = build_optimizer(ours_model, config)
+    assert isinstance(ours, AdamW)
+    groups = parameter_groups(reference_model, decay_norm_and_bias)
+    reference = torch.optim.AdamW(
+        [{"params": groups["decay"], "weight_decay": 0.05}, {"params": groups["no_decay"], "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.8, 0.99),
+        eps=1e-6,
+    )
+    for step, lr in enumerate([1e-3, 2e-3, 3e-3, 2e-3, 1e-3]):
+        x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for model in (ours_model, reference_model):
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            if step == 4:
+                model[-1].bias.grad = None
+        for group in reference.param_groups:
+            group["lr"] = lr
+        ours.step(torch.tensor(lr), [p.grad for p in ours.params])
+        reference.step()
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(ours_model[0].weight, small_model()[0].weight)
+    steps = {id(p): int(step) for p, step in zip(ours.params, ours.steps)}
+    assert steps[id(ours_model[-1].bias)] == 4 and steps[id(ours_model[-1].weight)] == 5
+
+
+def test_optimizer_state_of_another_optimizer_is_refused():
+    model = small_model()
+    sgd = build_optimizer(model, OptimizerConfig())
+    adamw = build_optimizer(model, OptimizerConfig(name="adamw"))
+    with pytest.raises(ValueError, match="train.optimizer.name=adamw"):
+        adamw.load_state_dict(sgd.state_dict())
+    saved = adamw.state_dict()
+    saved["exp_avgs"] = saved["exp_avgs"][:-1]
+    with pytest.raises(ValueError, match="optimizer state has 5 exp_avgs, the model needs 6"):
+        adamw.load_state_dict(saved)
 
 
 def test_norm_and_bias_exclusion():

@@ -218,3 +218,43 @@ def test_no_resume_starts_over_and_finds_every_graph_in_the_persistent_cache(str
     assert first["cache_misses"] == first["compilations_total"] >= 1 and first["cache_hits"] == 0
     assert summary["cache_misses"] == 0
     assert summary["cache_hits"] + summary["cache_load_failures"] == first["cache_misses"]
+
+
+ADAMW = ["train.optimizer.name=adamw", "train.schedule.base_lr=1.0e-3", "train.optimizer.weight_decay=0.05"]
+
+
+def test_adamw_compiles_once_and_resumes_exactly(tmp_path):
+    """AdamW's state (moments and per-parameter step counts) is part of the one graph, in the
+    checkpoint, and restored: a run stopped at step N and resumed ends where a straight run does."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    result = run(straight, *ADAMW, "train.optimizer.weight_decay_norm_and_bias=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["compilations_after_warmup"] == 0
+    first = run(split, *ADAMW, "train.optimizer.weight_decay_norm_and_bias=false", f"train.steps={N}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(split, *ADAMW, "train.optimizer.weight_decay_norm_and_bias=false")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["resumed_from_step"] == N and summary["compilations_after_warmup"] == 0
+
+    final = load_checkpoint(split / "checkpoints" / f"step_{2 * N:08d}.pt")
+    reference = load_checkpoint(straight / "checkpoints" / f"step_{2 * N:08d}.pt")
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(final["model"][name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert sorted(reference["optimizer"]) == ["exp_avg_sqs", "exp_avgs", "steps"]
+    assert {float(step) for step in reference["optimizer"]["steps"]} == {2.0 * N}
+    for key, tensors in reference["optimizer"].items():
+        for a, b in zip(final["optimizer"][key], tensors):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=key)
+    # Resuming one optimizer's run with the other is refused in one line, nothing written.
+    refused = run(split, f"train.steps={3 * N}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "does not fit this config (the checkpoint's optimizer state (exp_avg_sqs, exp_avgs, steps) is not "
+            "train.optimizer.name=sgd's); use --no-resume or another --output"
+        )
+    )

@@ -17,6 +17,7 @@ MODEL_PARTS = ("backbone", "fpn", "head")
 P6_INPUTS = ("p5", "c5")
 PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
+OPTIMIZER_NAMES = ("sgd", "adamw")
 DEVICES = ("auto", "xla", "tpu", "cuda", "cpu")
 COMPILE_CHOICES = ("auto", True, False)
 STEP_GRAPHS = ("replay", "retrace")
@@ -230,13 +231,19 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
+    name: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    weight_decay: float = 1e-4  # sgd: L2 on the gradient; adamw: decoupled, p *= 1 - lr * wd
     weight_decay_norm_and_bias: bool = True  # false excludes norm and bias parameters
 
     def __post_init__(self):
+        _one_of("name", self.name, OPTIMIZER_NAMES)
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _require(len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas), "betas", self.betas, "two values in [0, 1)")
+        _require(self.eps > 0, "eps", self.eps, "> 0")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
 
 

@@ -1,2 +1,3 @@
-"""Training: the compiled step (forward, loss, backward, update), SGD and the schedule as device
-tensors, the weight average, the loop and its periodic work. The model knows nothing of it."""
+"""Training: the compiled step (forward, loss, backward, update), the optimizers (SGD, AdamW)
+and the schedule as device tensors, the weight average, the loop and its periodic work. The
+model knows nothing of it."""

@@ -11,7 +11,7 @@ from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.models import build_model, set_replica_averaging
 from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
-from retinanet_xla.training.optimizer import SGD, LearningRateSchedule, parameter_groups
+from retinanet_xla.training.optimizer import LearningRateSchedule, build_optimizer
 from retinanet_xla.training.step import TrainStep
 
 
@@ -63,7 +63,7 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     loss_fn.average_across_replicas = replicas.mean
     set_replica_averaging(model, replicas.differentiable_mean, replicas.world)
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
-    optimizer = SGD(parameter_groups(model, config.train.optimizer.weight_decay_norm_and_bias), config.train.optimizer)
+    optimizer = build_optimizer(model, config.train.optimizer)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
     step = TrainStep(
         model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema
@@ -71,7 +71,8 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     # Loaded weights (ImageNet files, model.init_from) bring scalar buffers of equal values,
     # the BatchNorm step counters, which torch_xla would share as one device buffer: step 2
     # would then compile again (measured: one compilation after warm-up when fine-tuning).
-    scalars = [*model.state_dict().values(), *loss_fn.state_dict().values()]
+    # AdamW's per-parameter step counts are such scalars too.
+    scalars = [*model.state_dict().values(), *loss_fn.state_dict().values(), *optimizer.state_tensors()]
     scalars += list(ema.model.state_dict().values()) if ema is not None else []
     runtime.prepare_state(scalars)
     # Replicas that are threads of one process take turns (as for a collective graph), so the

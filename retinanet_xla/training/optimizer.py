@@ -1,9 +1,11 @@
-"""SGD with momentum/Nesterov and a learning-rate schedule computed on the device.
+"""The optimizers (SGD with momentum/Nesterov, AdamW) and a learning-rate schedule computed on
+the device.
 
-``torch.optim`` keeps the learning rate as a Python float, which XLA bakes into the graph as a
-constant, so every change of the rate would compile a new graph; and it creates momentum
-buffers lazily on the first step, so the first step's graph differs from all later ones. Here
-the step counter, the rate and the buffers are device tensors that exist before step one.
+``torch.optim``'s optimizer classes keep the learning rate as a Python float, which XLA bakes
+into the graph as a constant, so every change of the rate would compile a new graph; and they
+create their state lazily on the first step, so the first step's graph differs from all later
+ones. Here the step counter, the rate and the state are device tensors that exist before step
+one; AdamW's math is ``torch.optim``'s own functional ``adamw``, given that state.
 """
 
 import math
@@ -11,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from retinanet_xla.config import OptimizerConfig, ScheduleConfig
 
@@ -55,14 +59,64 @@ class LearningRateSchedule:
         return torch.where(step < c.warmup_steps, warmup, after_warmup)
 
 
-class SGD:
-    """``p -= lr * (g + wd * p  [+ Nesterov momentum])``, as ``torch.optim.SGD``."""
+class Optimizer:
+    """The update of the trainable parameters, with its state as device tensors that exist
+    before step one (``state_tensors``: the step's graph reads and updates them)."""
+
+    name = ""
 
     def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
         self.config = config
         self.params: List[nn.Parameter] = list(groups["decay"]) + list(groups["no_decay"])
         self.decay_flags = [True] * len(groups["decay"]) + [False] * len(groups["no_decay"])
+
+    def step(self, lr: Tensor, gradients: Sequence[Optional[Tensor]]) -> None:
+        raise NotImplementedError
+
+    def state(self) -> Dict[str, List[Tensor]]:
+        """The state tensors by name, one per parameter in each list."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> List[Tensor]:
+        return [tensor for tensors in self.state().values() for tensor in tensors]
+
+    def state_dict(self) -> Dict[str, List[Tensor]]:
+        return {name: list(tensors) for name, tensors in self.state().items()}
+
+    def load_state_dict(self, saved: Dict[str, List[Tensor]]) -> None:
+        own = self.state()
+        if set(saved) != set(own):
+            raise ValueError(
+                f"the checkpoint's optimizer state ({', '.join(sorted(saved))}) is not train.optimizer.name={self.name}'s"
+            )
+        for name, tensors in own.items():
+            if len(saved[name]) != len(tensors):
+                raise ValueError(f"optimizer state has {len(saved[name])} {name}, the model needs {len(tensors)}")
+            for tensor, value in zip(tensors, saved[name]):
+                tensor.copy_(value)
+
+    def _with_gradients(self, gradients: Sequence[Optional[Tensor]]) -> List[int]:
+        """Indices of the parameters that got a gradient this step (the others are left as
+        they are, state included, as ``torch.optim`` does)."""
+        return [k for k, gradient in enumerate(gradients) if gradient is not None]
+
+
+class SGD(Optimizer):
+    """``p -= lr * (g + wd * p  [+ Nesterov momentum])``, as ``torch.optim.SGD``.
+
+    Our own, not ``torch.optim.sgd``'s functional form: outside ``torch.compile`` that form
+    takes a tensor learning rate as ``alpha=-lr``, a Python number, so on torch-xla it reads
+    the rate back to the host in every step, which runs the step's graph up to there and
+    splits it in two (docs/performance.md, "Optimizers")."""
+
+    name = "sgd"
+
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
+        super().__init__(groups, config)
         self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
+
+    def state(self) -> Dict[str, List[Tensor]]:
+        return {"momentum_buffers": self.momentum_buffers}
 
     @torch.no_grad()
     def step(self, lr: Tensor, gradients: Sequence[Optional[Tensor]]) -> None:
@@ -72,7 +126,7 @@ class SGD:
         binary op checks its broadcast in Python, per tensor. Per-parameter in-place ops took
         45 ms per step of host time on CPU XLA for a ResNet-18 RetinaNet, half of all tracing."""
         momentum, nesterov, weight_decay = self.config.momentum, self.config.nesterov, self.config.weight_decay
-        active = [k for k, gradient in enumerate(gradients) if gradient is not None]
+        active = self._with_gradients(gradients)
         if not active:
             return
         params = [self.params[k] for k in active]
@@ -89,12 +143,67 @@ class SGD:
             gradients = torch._foreach_add(gradients, buffers, alpha=momentum) if nesterov else buffers
         torch._foreach_copy_(params, torch._foreach_sub(params, torch._foreach_mul(gradients, lr)))
 
-    def state_dict(self) -> Dict[str, List[Tensor]]:
-        return {"momentum_buffers": list(self.momentum_buffers)}
 
-    def load_state_dict(self, state: Dict[str, List[Tensor]]) -> None:
-        buffers = state["momentum_buffers"]
-        if len(buffers) != len(self.momentum_buffers):
-            raise ValueError(f"optimizer state has {len(buffers)} buffers, the model needs {len(self.momentum_buffers)}")
-        for own, saved in zip(self.momentum_buffers, buffers):
-            own.copy_(saved)
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (``p *= 1 - lr * wd``, none on norms and biases when
+    ``weight_decay_norm_and_bias`` is false): ``torch.optim.adamw``'s functional form over
+    state created here, in its ``capturable`` variant, which takes the rate as a device
+    tensor and keeps the step counts on the device (one graph for every step). Its
+    ``foreach`` form refuses XLA tensors as capturable, so on XLA the per-parameter form
+    runs (traced once: the step's graph is replayed). Eager on the CPU, where no capturable
+    form is offered, the ``foreach`` form runs with the rate as a number: nothing is
+    compiled there."""
+
+    name = "adamw"
+
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
+        super().__init__(groups, config)
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        # One count per parameter, as torch.optim keeps it (a parameter without a gradient
+        # in a step is not counted), float32 as its capturable variant needs.
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    def state(self) -> Dict[str, List[Tensor]]:
+        return {"exp_avgs": self.exp_avgs, "exp_avg_sqs": self.exp_avg_sqs, "steps": self.steps}
+
+    @torch.no_grad()
+    def step(self, lr: Tensor, gradients: Sequence[Optional[Tensor]]) -> None:
+        active = self._with_gradients(gradients)
+        if not active:
+            return
+        device_type = self.params[active[0]].device.type
+        foreach_capturable = torch.compiler.is_compiling() or device_type in _get_capturable_supported_devices(supports_xla=False)
+        capturable = foreach_capturable or device_type == "xla"
+        foreach = foreach_capturable or not capturable
+        rate = lr if capturable else lr.item()
+        beta1, beta2 = self.config.betas
+        for decays in (True, False):
+            chosen = [k for k in active if self.decay_flags[k] == decays]
+            if not chosen:
+                continue
+            adamw(
+                [self.params[k] for k in chosen],
+                [gradients[k] for k in chosen],
+                [self.exp_avgs[k] for k in chosen],
+                [self.exp_avg_sqs[k] for k in chosen],
+                [],
+                [self.steps[k] for k in chosen],
+                foreach=foreach,
+                capturable=capturable,
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=rate,
+                weight_decay=self.config.weight_decay if decays else 0.0,
+                eps=self.config.eps,
+                maximize=False,
+            )
+
+
+OPTIMIZERS = {optimizer.name: optimizer for optimizer in (SGD, AdamW)}
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> Optimizer:
+    """``train.optimizer.name``'s optimizer over the model's trainable parameters."""
+    return OPTIMIZERS[config.name](parameter_groups(model, config.weight_decay_norm_and_bias), config)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.ops import DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
-from retinanet_xla.training.optimizer import SGD, LearningRateSchedule
+from retinanet_xla.training.optimizer import LearningRateSchedule, Optimizer
 
 
 class TrainStep:
@@ -22,7 +22,7 @@ class TrainStep:
         self,
         model: nn.Module,
         loss_fn: DetectionLoss,
-        optimizer: SGD,
+        optimizer: Optimizer,
         schedule: LearningRateSchedule,
         anchors: Tensor,
         runtime: Runtime,
@@ -48,7 +48,7 @@ class TrainStep:
     def state_tensors(self) -> List[Tensor]:
         """Every tensor the step reads from one call to the next or updates: weights and
         buffers, optimizer and loss state, the step counter, the weight average."""
-        tensors = [*self.model.state_dict(keep_vars=True).values(), *self.optimizer.momentum_buffers]
+        tensors = [*self.model.state_dict(keep_vars=True).values(), *self.optimizer.state_tensors()]
         tensors += [*self.loss_fn.state_dict(keep_vars=True).values(), self.step]
         if self.ema is not None:
             tensors += list(self.ema.model.state_dict(keep_vars=True).values())

@@ -165,7 +165,7 @@ class Trainer:
         torch.set_rng_state(payload["torch_rng_state"])
         self.start_step, self.best_ap = payload["step"], payload.get("best_ap", float("-inf"))
         self.last_checkpoint = path
-        restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), s.step]
+        restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), *s.optimizer.state_tensors(), s.step]
         restored += list(s.ema.model.state_dict().values()) if s.ema is not None else []
         self.runtime.prepare_state(restored)  # before the first step
         logger.warning("resuming from %s (step %d)", path, self.start_step)

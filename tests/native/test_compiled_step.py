@@ -1,5 +1,5 @@
 """The whole train step as one torch.compile graph on the CPU, through the real CLI: no graph
-break, no recompilation after warm-up, and the losses of the eager step."""
+break, no recompilation after warm-up, and the losses of the eager step, with either optimizer."""
 
 import json
 
@@ -11,14 +11,18 @@ from tests.native.helpers import cli, metrics
 pytestmark = pytest.mark.native
 
 STEPS = ["train.steps=4", "train.log_every=1", "train.grad_clip_norm=0.5", "train.ema_decay=0.9", "runtime.device=cpu"]
+OPTIMIZERS = {
+    "sgd": [],
+    "adamw": ["train.optimizer.name=adamw", "train.schedule.base_lr=1.0e-3", "train.optimizer.weight_decay_norm_and_bias=false"],
+}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(OPTIMIZERS))
+def runs(request, tmp_path_factory):
     outputs = {}
     for compiled in ("true", "false"):
-        output = tmp_path_factory.mktemp(f"compile_{compiled}")
-        result = cli(*train_command(output, *STEPS, f"runtime.compile={compiled}")[1:])
+        output = tmp_path_factory.mktemp(f"{request.param}_compile_{compiled}")
+        result = cli(*train_command(output, *STEPS, *OPTIMIZERS[request.param], f"runtime.compile={compiled}")[1:])
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[compiled] = output
     return outputs
