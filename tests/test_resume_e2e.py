@@ -174,6 +174,8 @@ def test_no_resume_refuses_a_directory_holding_an_earlier_runs_checkpoints(strai
     assert old.read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
     assert not (tmp_path / "config.yaml").exists()
     (tmp_path / "metrics.jsonl").write_text('{"step": 8, "loss": 1.0}\n')
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("the earlier run's page")
     # Told to start over: the earlier run is moved aside, whole, and the new one starts at step 1.
     result = subprocess.run(
         command(tmp_path, "train.steps=2") + ["--no-resume", "--overwrite"], capture_output=True, text=True, timeout=600, env=ENV
@@ -183,8 +185,28 @@ def test_no_resume_refuses_a_directory_holding_an_earlier_runs_checkpoints(strai
     assert f"moved the earlier run's checkpoints and logs to {aside}" in result.stderr
     assert (aside / "checkpoints" / old.name).read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
     assert (aside / "metrics.jsonl").read_text() == '{"step": 8, "loss": 1.0}\n'
+    assert (aside / "report" / "index.html").read_text() == "the earlier run's page"
     assert sorted(losses(tmp_path)) == [1, 2]
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*.pt")] == ["step_00000002.pt"]
+
+
+def test_no_resume_refuses_a_directory_whose_run_kept_only_its_best_checkpoint(straight, tmp_path):
+    """A run whose step checkpoints were deleted to save space still holds its best.pt and
+    logs: starting over there would overwrite both."""
+    best = tmp_path / "checkpoints" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes((straight / "checkpoints" / f"step_{2 * N:08d}.pt").read_bytes())
+    (tmp_path / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text())
+    result = subprocess.run(
+        command(tmp_path, "train.steps=2") + ["--no-resume"], capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: holds checkpoints of an earlier run (best.pt); "
+        "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
+    )
+    assert best.read_bytes() == (straight / "checkpoints" / f"step_{2 * N:08d}.pt").read_bytes()
+    assert (tmp_path / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
 
 
 def test_a_checkpoint_without_what_resuming_needs_is_one_line(straight, tmp_path):

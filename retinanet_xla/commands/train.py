@@ -13,7 +13,7 @@ from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.errors import ConfigError, UserError
 from retinanet_xla.inference.report import write_report
-from retinanet_xla.rundir.directory import CheckpointDirectory
+from retinanet_xla.rundir.directory import BEST, CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
 from retinanet_xla.storage import Location, StagedDirectory
 from retinanet_xla.training.trainer import STAGED_LOGS, Trainer, TrainingDiverged, TrainingInterrupted
@@ -37,12 +37,15 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
     run = StagedDirectory(output_dir)
     with RunLock(run.local):
         checkpoints = CheckpointDirectory(output_dir)
-        existing = checkpoints.step_checkpoints()
+        existing = checkpoints.earlier_run()
         if existing and not resume and not overwrite:
             # Rotation keeps the highest step numbers: the old run's later checkpoints would
-            # delete each new one as it is written, and a rerun would resume the old run.
+            # delete each new one as it is written, and a rerun would resume the old run; its
+            # best.pt would be overwritten by the new run's first evaluation.
+            steps = [storage.name(path) for path in existing if storage.name(path) != BEST]
+            found = f"newest {steps[-1]}" if steps else BEST
             raise ConfigError(
-                f"{output_dir}: holds checkpoints of an earlier run (newest {storage.name(existing[-1])}); "
+                f"{output_dir}: holds checkpoints of an earlier run ({found}); "
                 "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
             )
         if not resume and overwrite:
@@ -77,7 +80,7 @@ def _report(output_dir: Location) -> Optional[str]:
 
 
 # What a run writes into its output directory (the synthetic dataset stays: it is data).
-RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "config.yaml", "eval", "export")
+RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard", "config.yaml", "eval", "export", "report")
 
 
 def move_aside(output_dir: Location) -> Optional[Location]:

@@ -36,6 +36,12 @@ class CheckpointDirectory:
         """Step checkpoints, oldest first (the zero-padded names sort by step)."""
         return storage.glob(self.path, "step_*.pt")
 
+    def earlier_run(self) -> List[Location]:
+        """What an earlier run left that a new one would overwrite or mix with: its step
+        checkpoints and its best checkpoint (kept alone when the step ones were deleted)."""
+        best = storage.join(self.path, BEST)
+        return self.step_checkpoints() + ([best] if storage.exists(best) else [])
+
     def newest_valid(self) -> Optional[Tuple[Location, Dict[str, Any]]]:
         """The newest checkpoint that loads; unreadable newer ones are reported and skipped."""
         for path in reversed(self.step_checkpoints()):
