@@ -1,5 +1,6 @@
 """Small COCO annotation files written by tests."""
 
+import itertools
 import json
 
 from PIL import Image
@@ -21,9 +22,14 @@ def image(image_id, name=None, width=100, height=80, create=True):
     return {"id": image_id, "file_name": name or f"{image_id}.png", "width": width, "height": height, "create": create}
 
 
+# Default annotation ids: unique (a duplicate is a problem data check names), and above any
+# id a test gives explicitly.
+_ANNOTATION_IDS = itertools.count(100_000)
+
+
 def box(image_id, bbox, category=1, crowd=0, annotation_id=None):
     return {
-        "id": annotation_id or image_id * 100 + len(bbox),
+        "id": annotation_id or next(_ANNOTATION_IDS),
         "image_id": image_id,
         "bbox": bbox,
         "category_id": category,

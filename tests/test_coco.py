@@ -117,6 +117,21 @@ def test_values_that_crashed_training_or_were_trained_on_wrongly_are_named_and_d
     assert "id 4: 4a.png" in dataset.examples["duplicate image id (every image with it skipped)"][0]
 
 
+def test_duplicate_annotation_ids_and_ids_beyond_int64_are_named(tmp_path):
+    path, images_dir = write_coco(
+        tmp_path,
+        [image(1), image(2**70, name="huge.png")],
+        [box(1, [10, 10, 20, 20], annotation_id=5), box(1, [40, 40, 20, 20], annotation_id=5), box(2**70, [1, 1, 9, 9])],
+    )
+    dataset = load_coco(path, images_dir)
+    assert dataset.problems == {
+        "duplicate annotation id (evaluation numbers them anew)": 2,
+        f"image id outside 0..{2**63 - 1} (skipped)": 1,
+        "annotation for an unknown or skipped image": 1,
+    }
+    assert [record.image_id for record in dataset.records] == [1] and len(dataset.records[0].boxes) == 2
+
+
 def test_a_dataset_without_boxes_is_refused_for_training_and_reported_by_check(tmp_path):
     from retinanet_xla.config import load_config
     from retinanet_xla.data.splits import dataset_split

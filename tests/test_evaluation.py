@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +30,20 @@ def test_ground_truth_fed_back_gives_ap_1(synthetic):
         assert result["metrics"][name] == pytest.approx(1.0)
     assert len(result["summary"]) == 12 and result["summary"][0].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95")
     assert all(v == pytest.approx(1.0) for v in result["metrics"]["per_category_AP"].values())
+
+
+def test_duplicate_and_malformed_ground_truth_is_scored_as_the_loader_reads_it(synthetic, tmp_path):
+    """Every annotation id the same, and one box a string: the perfect detections still score 1."""
+    data = json.loads(Path(synthetic["val"]["annotations"]).read_text())
+    for annotation in data["annotations"]:
+        annotation["id"] = 1
+    data["annotations"].append({"id": 2, "image_id": data["images"][0]["id"], "category_id": 1, "bbox": "10 10 5 5"})
+    broken = tmp_path / "instances.json"
+    broken.write_text(json.dumps(data))
+    detections = ground_truth_as_detections(ground_truth(synthetic["val"]["annotations"]))
+    gt = ground_truth(broken)
+    assert len(gt.anns) == len(data["annotations"]) - 1
+    assert evaluate_detections(gt, detections)["metrics"]["AP"] == pytest.approx(1.0)
 
 
 def test_empty_and_shifted_detections(synthetic):

@@ -11,7 +11,7 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Container, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from retinanet_xla.errors import DatasetError
 from retinanet_xla.storage import Location
 
 MAX_SIDE = 2**31 - 1  # PNG's own limit; JPEG's is 65,535
+MAX_ID = 2**63 - 1  # image and category ids are int64 in batches and checkpoints
 
 LABEL_MAPPINGS = ("contiguous", "raw")
 
@@ -123,6 +124,31 @@ def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def annotation_problem(entry: dict, image_ids: Container, categories: Container) -> Optional[Tuple[str, str]]:
+    """Why an annotation cannot be used (the reason and an example for ``data check``), or
+    None. Training and evaluation's ground truth drop the same ones."""
+    image_id, category_id, crowd, bbox = (
+        entry.get("image_id"),
+        entry.get("category_id"),
+        entry.get("iscrowd", 0),
+        entry.get("bbox"),
+    )
+    if not (_integer(image_id) and _integer(category_id)):
+        return (
+            "annotation without an integer image_id and category_id",
+            f"annotation {entry.get('id')}: image_id {image_id!r}, category_id {category_id!r}",
+        )
+    if image_id not in image_ids:
+        return "annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {image_id}"
+    if category_id not in categories:
+        return "annotation with an unknown category", f"annotation {entry.get('id')} -> category {category_id}"
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+        return "malformed bbox", f"annotation {entry.get('id')}: {bbox!r}"
+    if crowd not in (0, 1) or isinstance(crowd, float):  # "0" is a string, true as a bool
+        return "iscrowd that is not 0 or 1", f"annotation {entry.get('id')}: iscrowd {crowd!r}"
+    return None
+
+
 def resolve_image_path(images_dir: Location, file_name: str) -> Optional[Location]:
     """The image's path, or None when ``file_name`` would leave the images directory
     (absolute paths, ``..``, symlinks pointing out; on object storage, keys outside the prefix)."""
@@ -183,7 +209,7 @@ def load_coco(
         _require(
             isinstance(entry, dict) and isinstance(entry.get("id"), int), annotations_file, "every category needs an integer 'id'"
         )
-        _require(entry["id"] >= 0, annotations_file, f"category id {entry['id']} is negative")
+        _require(0 <= entry["id"] <= MAX_ID, annotations_file, f"category id {entry['id']} is outside 0..{MAX_ID}")
         categories[entry["id"]] = str(entry.get("name", entry["id"]))
     _require(bool(categories), annotations_file, "'categories' is empty")
     mapping = CategoryMapping(label_mapping, list(categories), categories)
@@ -198,6 +224,9 @@ def load_coco(
             annotations_file,
             "every image needs an integer 'id' and a string 'file_name'",
         )
+        if not 0 <= entry["id"] <= MAX_ID:  # ids become int64 tensors in the data workers
+            dataset.note(f"image id outside 0..{MAX_ID} (skipped)", f"id {entry['id']}: {entry['file_name']}")
+            continue
         if ids[entry["id"]] > 1:  # whose boxes are whose is unknowable: none of them is used
             dataset.note("duplicate image id (every image with it skipped)", f"id {entry['id']}: {entry['file_name']}")
             continue
@@ -217,30 +246,16 @@ def load_coco(
             continue
         images[entry["id"]] = (path, int(width), int(height), [])
 
+    annotation_ids = Counter(entry.get("id") for entry in data["annotations"] if isinstance(entry, dict))
     for entry in data["annotations"]:
         _require(isinstance(entry, dict), annotations_file, "every annotation must be an object")
-        image_id, category_id, crowd = entry.get("image_id"), entry.get("category_id"), entry.get("iscrowd", 0)
-        image = images.get(image_id) if _integer(image_id) else None
-        bbox = entry.get("bbox")
-        if not (_integer(image_id) and _integer(category_id)):
-            dataset.note(
-                "annotation without an integer image_id and category_id",
-                f"annotation {entry.get('id')}: image_id {image_id!r}, category_id {category_id!r}",
-            )
-        elif image is None:
-            dataset.note(
-                "annotation for an unknown or skipped image", f"annotation {entry.get('id')} -> image {entry.get('image_id')}"
-            )
-        elif category_id not in categories:
-            dataset.note(
-                "annotation with an unknown category", f"annotation {entry.get('id')} -> category {entry.get('category_id')}"
-            )
-        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
-            dataset.note("malformed bbox", f"annotation {entry.get('id')}: {bbox!r}")
-        elif crowd not in (0, 1) or isinstance(crowd, float):  # "0" is a string, true as a bool
-            dataset.note("iscrowd that is not 0 or 1", f"annotation {entry.get('id')}: iscrowd {crowd!r}")
+        if annotation_ids[entry.get("id")] > 1:
+            dataset.note("duplicate annotation id (evaluation numbers them anew)", f"annotation {entry.get('id')!r}")
+        problem = annotation_problem(entry, images, categories)
+        if problem is not None:
+            dataset.note(*problem)
         else:
-            image[3].append((bbox, category_id, bool(crowd)))
+            images[entry["image_id"]][3].append((entry["bbox"], entry["category_id"], bool(entry.get("iscrowd", 0))))
 
     for image_id, (path, width, height, annotations) in images.items():
         boxes, category_ids, crowd = [], [], []

@@ -20,14 +20,26 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from retinanet_xla import storage
+from retinanet_xla.data.coco import annotation_problem
 from retinanet_xla.errors import ConfigError
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 def ground_truth(annotation_file: storage.Location) -> COCO:
+    """The file's boxes as pycocotools indexes them, without the annotations the loader drops
+    (``annotation_problem``) and numbered anew: pycocotools keys boxes by id, so a duplicate
+    id would make one box stand for two (measured: perfect detections scored 0.768 AP)."""
     data = json.loads(storage.read_text(annotation_file))
-    for annotation in data["annotations"]:
+    image_ids = {image["id"] for image in data["images"]}
+    categories = {category["id"] for category in data["categories"]}
+    data["annotations"] = [
+        annotation
+        for annotation in data["annotations"]
+        if isinstance(annotation, dict) and annotation_problem(annotation, image_ids, categories) is None
+    ]
+    for number, annotation in enumerate(data["annotations"], start=1):
+        annotation["id"] = number
         annotation.setdefault("iscrowd", 0)
         if "area" not in annotation and isinstance(annotation.get("bbox"), list) and len(annotation["bbox"]) == 4:
             annotation["area"] = float(annotation["bbox"][2] * annotation["bbox"][3])
