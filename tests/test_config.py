@@ -76,6 +76,23 @@ CASES = [
         ["runtime.profile_steps=[3,2]"],
         "runtime.profile_steps must be [first, last] with 1 <= first <= last, or null, got [3, 2]",
     ),
+    # From the reliability probe: each ended in a traceback, hours of memory, or a huge line.
+    ("", [f"train.steps={10**30}"], f"train.steps must be an integer of at most 2**53, got {10**30}"),
+    (
+        "",
+        [f"train.seed={10**400}"],
+        "train.seed must be an integer of at most 2**53, got 100000000000000000...0000000000000000000",
+    ),
+    ("", ["data.image_size=[10000,10000]"], "data.image_size must be [height, width] with both in 32..4096, got [10000, 10000]"),
+    ("", ["train.optimizer.name=adam"], "train.optimizer.name must be one of sgd, adamw, got 'adam'"),
+    ("", ["train.optimizer.betas=[0.9]"], "train.optimizer.betas must be two values in [0, 1), got [0.9]"),
+    # A 9**9-item alias bomb under a key that wants a string: quoted in a few characters.
+    (
+        "train:\n  output_dir:\n    - &g0 [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"    - &g{n} [{', '.join([f'*g{n - 1}'] * 9)}]\n" for n in range(1, 9)),
+        [],
+        "train.output_dir must be a string, got [['x', 'x', 'x', 'x', 'x', 'x', ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...",
+    ),
 ]
 
 

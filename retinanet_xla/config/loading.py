@@ -12,7 +12,7 @@ import yaml
 
 from retinanet_xla import storage
 from retinanet_xla.config.schema import Config, InvalidValue
-from retinanet_xla.errors import ConfigError
+from retinanet_xla.errors import ConfigError, shown
 from retinanet_xla.storage import Location
 
 
@@ -45,9 +45,12 @@ def _type_name(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+MAX_INTEGER = 2**53  # every count and size fits in int64 and in a JSON number with room to spare
+
+
 def _convert(value, hint, key: str, where: str):
     origin = typing.get_origin(hint)
-    wrong = ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
+    wrong = _WrongType(where, key, hint, value)
     if origin is typing.Union:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -79,6 +82,8 @@ def _convert(value, hint, key: str, where: str):
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong
+        if abs(value) > MAX_INTEGER:
+            raise ConfigError(f"{where}: {key} must be an integer of at most 2**53, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -96,9 +101,21 @@ def _convert(value, hint, key: str, where: str):
     raise TypeError(f"unsupported config type {hint}")
 
 
+class _WrongType(ConfigError):
+    """A value that is not of its key's type; the message is built when it is shown, and
+    shortened (``_shown``)."""
+
+    def __init__(self, where: str, key: str, hint, value):
+        super().__init__(where, key, hint, value)
+
+    def __str__(self) -> str:
+        where, key, hint, value = self.args
+        return f"{where}: {key} must be {_type_name(hint)}, got {shown(value)}"
+
+
 def _build(cls, data: Dict[str, Any], prefix: str, where: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -149,7 +166,7 @@ def _read_yaml(path: Location, chain: Sequence[str] = ()) -> Dict[str, Any]:
     if base is None:
         return data
     if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'extends' must be a file name, got {base!r}")
+        raise ConfigError(f"{path}: 'extends' must be a file name, got {shown(base)}")
     target = storage.location(base) if storage.is_url(base) else storage.join(storage.parent(path), base)
     return _merge(_read_yaml(target, (*chain, identity)), data)
 

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from retinanet_xla.errors import shown
+
 # The vocabulary of the config; modules that act on these values import them from here.
 LABEL_MAPPINGS = ("contiguous", "raw")
 BACKBONE_NORMS = ("frozen_bn", "bn", "cross_replica_bn", "gn")
@@ -28,7 +30,7 @@ class InvalidValue(ValueError):
     """A section's field has a value it cannot take; ``_build`` names the full key."""
 
     def __init__(self, name: str, value: Any, expected: str):
-        super().__init__(f"{name} must be {expected}, got {value!r}")
+        super().__init__(f"{name} must be {expected}, got {shown(value)}")
         self.name = name
 
 
@@ -106,7 +108,11 @@ class DataConfig:
 
     def __post_init__(self):
         size = self.image_size
-        _require(len(size) == 2 and min(size) >= 32, "image_size", size, "[height, width] with both >= 32")
+        # Larger inputs than any TPU recipe's grow the host's batches past memory (10000x10000:
+        # over 7 GiB before the first step).
+        _require(
+            len(size) == 2 and 32 <= min(size) and max(size) <= 4096, "image_size", size, "[height, width] with both in 32..4096"
+        )
         _require(
             self.max_boxes == "auto" or (isinstance(self.max_boxes, int) and self.max_boxes > 0),
             "max_boxes",
