@@ -244,10 +244,20 @@ def export_command(
 app.add_typer(data_app, name="data")
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    """A storage back-end's failure as one warning line: the error it ends in is ours, in one
+    line (storage.py), and its tracebacks said nothing more."""
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    if record.levelno > logging.WARNING:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
 def main() -> None:
     """Entry point: every way a command ends maps to the exit code of its kind (errors.py); user
     mistakes end in one line on stderr, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gcsfs").addFilter(_one_line)
     try:
         app(standalone_mode=True)
     except RunStopped as stop:  # its message says how to resume

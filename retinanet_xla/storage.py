@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
-from retinanet_xla.errors import UserError
+from retinanet_xla.errors import EXIT_INTERRUPTED, UserError
 
 Location = Union[Path, str]  # a local path, or a URL such as gs://bucket/key
 EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
@@ -50,6 +50,34 @@ class ByteRange:
 
 class StorageError(UserError):
     """A URL that cannot be used: unknown scheme, missing back-end, bucket or permission."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage service did not answer, or answered that it is failing (after the back-end's
+    own retries): not the user's mistake. Exit 75, "try again", as a preempted run: a rerun once
+    it is back resumes from the last checkpoint."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+# Statuses a storage service gives while it is failing or overloaded, not for a wrong request.
+_UNAVAILABLE_STATUSES = (408, 429, 500, 502, 503, 504)
+_CONNECTION_ERRORS = ("ClientConnectionError", "ServerTimeoutError", "ServerDisconnectedError")
+
+# gcsfs sets no timeout on its requests: a server that accepts a connection and never answers
+# held `train --output gs://...` silent for 7 minutes, until killed. Per-read limits, not a total,
+# so that a large checkpoint's transfer may take as long as it needs while bytes flow.
+GCS_OPTIONS = {"sock_connect": 20.0, "sock_read": 60.0}
+
+
+def _unavailable(error: BaseException) -> bool:
+    status = getattr(error, "code", None) or getattr(error, "status", None)
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return (
+        isinstance(error, (ConnectionError, TimeoutError))
+        or status in _UNAVAILABLE_STATUSES
+        or bool(names & set(_CONNECTION_ERRORS))
+    )
 
 
 def is_url(path: Location) -> bool:
@@ -94,6 +122,10 @@ def _filesystem(url: str):
 
     scheme = url.split("://", 1)[0]
     try:
+        if scheme in ("gs", "gcs"):
+            import aiohttp
+
+            return fsspec.filesystem(scheme, requests_timeout=aiohttp.ClientTimeout(total=None, **GCS_OPTIONS))
         return fsspec.filesystem(scheme)
     except ValueError:
         raise StorageError(
@@ -130,6 +162,10 @@ def _remote(url: str, action: Callable, *args, **kwargs):
     except (FileNotFoundError, StorageError):
         raise
     except Exception as error:  # gcsfs's HttpError, google.auth's errors, aiohttp's
+        if _unavailable(error):
+            raise StorageUnavailable(
+                f"{describe_failure(url, error)}: the storage service is unavailable; run the same command again once it is back"
+            ) from None
         raise StorageError(describe_failure(url, error)) from None
 
 

@@ -3,6 +3,8 @@ one-line errors for what can go wrong with them, through the real CLI."""
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 
 from retinanet_xla import storage
 from retinanet_xla.data.synthetic import write_synthetic_dataset
-from tests.cli_helpers import ROOT, run_cli
+from tests.cli_helpers import ROOT, SCRIPT, run_cli
+from tests.gcs_server import GCS_ENV
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +199,28 @@ def test_record_shards_in_a_bucket_give_the_local_files_batches(gcs, bucket, tmp
     for _ in range(6):
         a, b = next(streams[0]), next(streams[1])
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_storage_service_that_is_down_ends_the_run_with_exit_75_in_one_line(tmp_path):
+    """Not the user's mistake: exit 75 ("try again"), as a preempted run, so that a wrapper
+    rerunning while the exit is 75 reruns; the back-end's retries are one warning line each."""
+    env = {**os.environ, **GCS_ENV, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "PJRT_DEVICE": "CPU"}
+    result = subprocess.run(
+        [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", "gs://down/run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "Cannot connect to host 127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]: "
+            "the storage service is unavailable; run the same command again once it is back"
+        )
+    )
+    assert not list(tmp_path.iterdir())  # nothing written locally either
