@@ -153,6 +153,25 @@ def test_missing_dataset_and_too_few_classes(tmp_path, capsys, monkeypatch):
     )
 
 
+def test_a_training_set_smaller_than_one_batch_is_one_line(tmp_path, capsys, monkeypatch):
+    few = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        CONFIGS / "smoke.yaml",
+        "--output",
+        tmp_path / "run",
+        "--set",
+        "data.synthetic.train_images=4",
+        "--set",
+        "data.image_size=[64,64]",
+    )
+    assert few.exit_code == 2 and "Traceback" not in few.stderr
+    assert few.stderr.strip().splitlines()[-1] == (
+        "error: the training set has 4 usable images, fewer than one global batch of 8: lower train.batch_size or add images"
+    )
+
+
 def test_extends_cycle_is_reported(tmp_path):
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from retinanet_xla.data.dataset import PADDING_INDEX, DetectionDataset, collate
-from retinanet_xla.errors import STOP_SIGNALS
+from retinanet_xla.errors import STOP_SIGNALS, DatasetError
 
 
 def _check_shard(num_replicas: int, rank: int, batch_size: int) -> None:
@@ -38,7 +38,10 @@ class TrainSampler(torch.utils.data.Sampler):
         _check_shard(num_replicas, rank, batch_size)
         global_batch = batch_size * num_replicas
         if num_images < global_batch:
-            raise ValueError(f"the training set has {num_images} images, fewer than one global batch of {global_batch}")
+            raise DatasetError(
+                f"the training set has {num_images} usable images, fewer than one global batch of {global_batch}: "
+                "lower train.batch_size or add images"
+            )
         self.num_images, self.batch_size, self.num_replicas, self.rank = num_images, batch_size, num_replicas, rank
         self.seed, self.start_batch = seed, start_batch
         self.batches_per_epoch = num_images // global_batch
