@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from retinanet_xla.config import load_config
-from retinanet_xla.rundir.checkpoint import load_checkpoint
+from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
 from tests.browser import screenshot
 from tests.cli_helpers import SCRIPT, run_cli, train_command
 
@@ -254,6 +254,30 @@ def test_eval_predict_and_export_of_a_run_skip_an_unusable_newest_checkpoint(tra
     skipped = [record.getMessage() for record in caplog.records if "skipping unusable checkpoint" in record.getMessage()]
     assert len(skipped) == 3 and all(str(newest) in message for message in skipped)  # eval, predict, export
     assert (run / "export" / "step_00000012" / "model.torchscript.pt").is_file()
+
+
+def test_checkpoints_with_forged_fields_or_wrong_shapes_are_one_line_for_eval_predict_and_export(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """A checksum does not make a file ours: something else may have written a valid one."""
+    output, _ = trained
+    payload = load_checkpoint(output / "checkpoints" / "step_00000012.pt")
+    name = "backbone.body.conv1.weight"
+    shapes = {**payload, "model": {**payload["model"], name: torch.zeros(3, 3)}}
+    shapes.pop("ema", None)
+    save_checkpoint(tmp_path / "shapes.pt", shapes)
+    save_checkpoint(tmp_path / "forged.pt", {**payload, "config": 5})
+    images = output / "synthetic" / "val"
+    expected = {
+        "shapes.pt": f"its weights do not fit the model its config describes (size mismatch for {name}: copying a param with "
+        "shape torch.Size([3, 3]) from checkpoint, the shape in current model is torch.Size([64, 3, 7, 7]).)",
+        "forged.pt": "field 'config' is int, not a dict; not a retinanet-xla checkpoint",
+    }
+    for file, message in expected.items():
+        for command in (["eval"], ["predict", images, "--output", tmp_path / "predict"], ["export"]):
+            result = run_cli(capsys, monkeypatch, command[0], tmp_path / file, *command[1:])
+            assert result.exit_code == 2 and "Traceback" not in result.stderr, (command, result.stderr[-3000:])
+            assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / file}: {message}", command
 
 
 def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained, tmp_path, capsys, monkeypatch):

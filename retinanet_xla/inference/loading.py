@@ -7,6 +7,7 @@ from retinanet_xla.config import Config, load_config
 from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.device.choice import create_runtime
 from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.errors import CheckpointError
 from retinanet_xla.models import RetinaNet, build_model
 from retinanet_xla.rundir.checkpoint import inference_weights
 from retinanet_xla.rundir.directory import open_checkpoint
@@ -40,7 +41,11 @@ def load_for_inference(checkpoint: Location, overrides: Sequence[str] = (), runt
     config = inference_config(checkpoint, payload, overrides)
     runtime = runtime or create_runtime(config.runtime)
     model = build_model(config)
-    model.load_state_dict(inference_weights(payload))
+    try:
+        model.load_state_dict(inference_weights(payload))
+    except RuntimeError as error:  # torch's "Error(s) in loading state_dict": the shapes or names
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes ({detail})") from None
     runtime.place_model(model).eval()
     mapping = CategoryMapping.from_dict(payload["category_mapping"])
     return LoadedModel(checkpoint, payload["step"], config, mapping, runtime, model, "ema" in payload)

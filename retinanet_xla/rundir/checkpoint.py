@@ -140,3 +140,21 @@ def inference_weights(payload: Dict[str, Any]) -> Dict[str, Any]:
     """The state dict to evaluate, predict and export with: the weight average where the run
     kept one (as the TF reference does), else the model's."""
     return payload["ema"] if "ema" in payload else payload["model"]
+
+
+# What evaluation, prediction and export read from a checkpoint, and the type each must have.
+INFERENCE_FIELDS = {"step": int, "config": dict, "category_mapping": dict, "model": dict}
+
+
+def check_inference_fields(path, payload: Dict[str, Any]) -> None:
+    """A checkpoint whose fields are missing or of another type (written by something else, or
+    forged) is one ``CheckpointError`` naming the field, not a traceback further on."""
+    for name, kind in INFERENCE_FIELDS.items():
+        value = payload.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{path}: field {name!r} is {type(value).__name__}, not a {kind.__name__}; not a retinanet-xla checkpoint"
+            )
+    weights = inference_weights(payload)
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors; not a retinanet-xla checkpoint")

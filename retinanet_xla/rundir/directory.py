@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from retinanet_xla import storage
 from retinanet_xla.errors import CheckpointError
-from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
+from retinanet_xla.rundir.checkpoint import check_inference_fields, load_checkpoint, save_checkpoint
 from retinanet_xla.storage import Location
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,10 @@ def open_checkpoint(path: Location) -> Tuple[Location, Dict[str, Any]]:
     newer ones are reported and skipped, as resume does), with its payload."""
     path = storage.location(path)
     if not storage.is_dir(path):
-        return path, load_checkpoint(path)
-    found = CheckpointDirectory(path).newest_valid()
-    if found is None:
-        raise CheckpointError(f"{path}: no usable checkpoints/step_*.pt in this run directory")
+        found = path, load_checkpoint(path)
+    else:
+        found = CheckpointDirectory(path).newest_valid()
+        if found is None:
+            raise CheckpointError(f"{path}: no usable checkpoints/step_*.pt in this run directory")
+    check_inference_fields(*found)
     return found
