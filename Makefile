@@ -13,7 +13,7 @@ NATIVE_STAMP := $(NATIVE_VENV)/.installed
 # package itself has no upper pin. torch-tpu 0.2.0 supports torch 2.11 to 2.15.
 NATIVE_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint test test-xla test-native test-fast demo bench bench-backbones bench-ratios clean
+.PHONY: install lint test test-xla test-native test-fast demo bench bench-backbones bench-ratios bench-recipes clean
 
 # --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
 # pip's cache; a CI run on a full disk failed with ENOSPC during this install.
@@ -66,7 +66,7 @@ demo: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla export runs/demo --format onnx --check
 	@echo
 	@echo "Done. Next, try:"
-	@echo "  open runs/demo/report/index.html                        # the run's curves and predictions, one page (retinanet-xla report)"
+	@echo "  xdg-open runs/demo/report/index.html                    # the run's curves and predictions, one page, in a browser (macOS: open)"
 	@echo "  $(BIN)/tensorboard --logdir runs/demo/tensorboard        # losses, learning rate, AP over steps, live"
 	@echo "  PJRT_DEVICE=CPU $(BIN)/retinanet-xla predict runs/demo YOUR_IMAGE.jpg --output runs/demo/predict   # your own picture"
 
@@ -93,6 +93,11 @@ bench-backbones: $(STAMP)
 # (docs/models.md; 30 minutes to 2 hours on a 2-core VM, by its speed).
 bench-ratios: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/xla_vs_eager.py --pairs 2 --json runs/bench/xla-vs-eager.json
+
+# The recipe ablation: each variant of benchmarks/recipes.py x 2 seeds on the synthetic data,
+# trained and evaluated (docs/models.md, "Recipes"; about 4 minutes a run on a 2-core VM).
+bench-recipes: $(STAMP)
+	PJRT_DEVICE=CPU $(BIN)/python benchmarks/recipes.py --output runs/recipes --steps 200 --json runs/recipes/recipes.json --markdown runs/recipes/recipes.md
 
 clean:
 	rm -rf $(VENV) $(NATIVE_VENV) build dist *.egg-info .pytest_cache
