@@ -43,3 +43,23 @@ def test_train_refuses_a_max_boxes_that_drops_objects_before_writing_anything(tm
         "would be dropped and their objects trained as background: set data.max_boxes to 5 (or auto), or remove the crowded images"
     )
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_more_classes_than_the_training_set_has_is_a_warning(tmp_path, caplog):
+    from retinanet_xla.config import load_config
+    from retinanet_xla.data.splits import dataset_split
+
+    path, images_dir = write_coco(tmp_path, [image(1)], [box(1, [10, 10, 20, 20])])
+    config = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        overrides=[f"data.train.annotations={path}", f"data.train.images={images_dir}", "model.num_classes=5"],
+    )
+    dataset_split(config, "train", tmp_path)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"model.num_classes is 5 but {path} has 2 labels with data.label_mapping contiguous: "
+        "the other 3 outputs only ever learn background"
+    ]
+    caplog.clear()
+    config.model.num_classes = 2
+    dataset_split(config, "train", tmp_path)
+    assert not caplog.records

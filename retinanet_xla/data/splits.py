@@ -1,5 +1,6 @@
 """A configured split, or the built-in synthetic dataset in its place."""
 
+import logging
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -10,6 +11,8 @@ from retinanet_xla.data.records import load_records
 from retinanet_xla.data.synthetic import write_synthetic_dataset
 from retinanet_xla.errors import ConfigError, DatasetError
 from retinanet_xla.storage import Location
+
+logger = logging.getLogger(__name__)
 
 
 def split_files(config: Config, split: str, output_dir: Path) -> Tuple[Location, Location]:
@@ -50,6 +53,15 @@ def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
         raise ConfigError(
             f"model.num_classes is {config.model.num_classes} but {annotations} needs {coco.mapping.num_labels} "
             f"with data.label_mapping {config.data.label_mapping}"
+        )
+    if split == "train" and config.model.num_classes > coco.mapping.num_labels:
+        logger.warning(
+            "model.num_classes is %d but %s has %d labels with data.label_mapping %s: the other %d outputs only ever learn background",
+            config.model.num_classes,
+            annotations,
+            coco.mapping.num_labels,
+            config.data.label_mapping,
+            config.model.num_classes - coco.mapping.num_labels,
         )
     return coco
 
