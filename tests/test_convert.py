@@ -67,10 +67,14 @@ def test_voc_xml_becomes_coco_with_difficult_objects_as_crowd(tmp_path, capsys, 
         <object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>100</xmax><ymax>80</ymax></bndbox></object>
         <object><name>cat</name><bndbox><xmin>60</xmin><ymin>10</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object>
         <object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin></bndbox></object>
+        <object><name>dog</name><bndbox><xmin>nan</xmin><ymin>5</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>
         </annotation>"""
     )
     (root / "Annotations" / "000002.xml").write_text("<annotation><filename>missing.jpg</filename></annotation>")
     (root / "Annotations" / "broken.xml").write_text("<annotation><object>")
+    (root / "Annotations" / "directory.xml").mkdir()
+    picture(tmp_path / "outside.jpg", 10, 10)
+    (root / "Annotations" / "escape.xml").write_text("<annotation><filename>../../outside.jpg</filename></annotation>")
     output = tmp_path / "voc.json"
 
     result = run_cli(capsys, monkeypatch, "data", "convert", root, "--from", "voc", "--output", output)
@@ -78,9 +82,13 @@ def test_voc_xml_becomes_coco_with_difficult_objects_as_crowd(tmp_path, capsys, 
     lines = result.stdout.strip().splitlines()
     assert lines[0] == f"wrote {output}: 1 images, 2 boxes, 2 categories; images directory {root / 'JPEGImages'}"
     assert "left out, bndbox outside the image or inverted: 1 (e.g. 000001.xml object 3: 60 10 40 30)" in lines
-    assert "left out, object without a numeric bndbox: 1 (e.g. 000001.xml object 4)" in lines
+    assert (
+        "left out, object without a numeric bndbox: 2 (e.g. 000001.xml object 4; 000001.xml object 5: nan 5.0 9.0 9.0)" in lines
+    )
     assert "left out, image missing or unreadable: 1 (e.g. 000002.xml -> missing.jpg)" in lines
     assert any(line.startswith("left out, annotation file that is not XML: 1 (e.g. broken.xml: ") for line in lines)
+    assert "left out, annotation file that cannot be read: 1 (e.g. directory.xml: Is a directory)" in lines
+    assert "left out, image path outside the images directory: 1 (e.g. escape.xml -> '../../outside.jpg')" in lines
     coco = json.loads(output.read_text())
     assert coco["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
     assert coco["images"][0]["width"] == 100  # the pixels' size, not the XML's <size>

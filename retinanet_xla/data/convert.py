@@ -15,6 +15,7 @@ object that cannot be placed is counted under a named reason with its first exam
 """
 
 import json
+import math
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Dict, List
 
 import yaml
 
-from retinanet_xla.data.coco import ProblemCounts
+from retinanet_xla.data.coco import ProblemCounts, resolve_image_path
 from retinanet_xla.data.image_io import IMAGE_SUFFIXES, image_size
 from retinanet_xla.errors import DatasetError
 
@@ -153,12 +154,17 @@ def from_voc(root: Path) -> Conversion:
             parsed.append((xml_file, ElementTree.parse(xml_file).getroot()))
         except ElementTree.ParseError as error:
             conversion.note("annotation file that is not XML", f"{xml_file.name}: {error}")
+        except OSError as error:  # a directory named *.xml, a file that cannot be read
+            conversion.note("annotation file that cannot be read", f"{xml_file.name}: {error.strerror or error}")
     names = sorted({(obj.findtext("name") or "").strip() for _, tree in parsed for obj in tree.iter("object")} - {""})
     ids = {name: index + 1 for index, name in enumerate(names)}
     conversion.coco["categories"] = [{"id": ids[name], "name": name} for name in names]
     for image_id, (xml_file, tree) in enumerate(parsed, 1):
         file_name = (tree.findtext("filename") or f"{xml_file.stem}.jpg").strip()
-        path = images_dir / file_name
+        path = resolve_image_path(images_dir, file_name) if "\0" not in file_name else None
+        if path is None:  # the output's file names must stay inside JPEGImages, as data check requires
+            conversion.note("image path outside the images directory", f"{xml_file.name} -> {file_name!r}")
+            continue
         size = image_size(path)
         if size is None:
             conversion.note("image missing or unreadable", f"{xml_file.name} -> {file_name}")
@@ -169,9 +175,12 @@ def from_voc(root: Path) -> Conversion:
             where = f"{xml_file.name} object {number}"
             name, box = (obj.findtext("name") or "").strip(), obj.find("bndbox")
             try:
-                x1, y1, x2, y2 = (float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax"))
+                x1, y1, x2, y2 = corners = [float(box.findtext(key)) for key in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
                 conversion.note("object without a numeric bndbox", where)
+                continue
+            if not all(math.isfinite(corner) for corner in corners):  # float() reads "nan" and "inf"
+                conversion.note("object without a numeric bndbox", f"{where}: {' '.join(map(str, corners))}")
                 continue
             if not name:
                 conversion.note("object without a name", where)
