@@ -118,6 +118,32 @@ def test_a_truncated_shard_is_named_at_start_and_a_damaged_record_is_not_trained
     assert config.data.train.records == str(prefix)
 
 
+def test_an_index_naming_shards_outside_its_folder_or_forged_offsets_is_refused(converted, capsys, monkeypatch, tmp_path):
+    root, paths = converted
+    prefix = tmp_path / "train"
+    convert(capsys, monkeypatch, paths["train"], prefix, shards=1)
+    index = tmp_path / "train.json"
+    meta = json.loads(index.read_text())
+    outside = json.loads(json.dumps(meta))
+    outside["records"]["shards"][0]["name"] = "../elsewhere.shard"
+    for image in outside["images"]:
+        image["record"]["shard"] = "../elsewhere.shard"
+    index.write_text(json.dumps(outside))
+    with pytest.raises(DatasetError) as error:
+        load_records(prefix)
+    assert str(error.value) == f"{index}: shard name '../elsewhere.shard' is not a file name in the index's folder"
+    forged = json.loads(json.dumps(meta))
+    forged["images"][0]["record"]["offset"] = "0"
+    index.write_text(json.dumps(forged))
+    with pytest.raises(DatasetError) as error:
+        load_records(prefix)
+    record = forged["images"][0]["record"]
+    assert str(error.value) == (
+        f"{index}: image {forged['images'][0]['id']}: record offset, length and crc32 must be non-negative integers, "
+        f"got ['0', {record['length']}, {record['crc32']}]"
+    )
+
+
 def test_records_and_annotations_for_one_split_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.train.records must be unset when annotations and images are set"):
         load_config(overrides=["data.train.records=x", "data.train.annotations=a.json"])

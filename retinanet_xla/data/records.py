@@ -23,7 +23,7 @@ from typing import Dict, List
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CocoDataset, load_coco, read_annotations
-from retinanet_xla.errors import DatasetError
+from retinanet_xla.errors import DatasetError, shown
 from retinanet_xla.storage import ByteRange, Location
 
 MAGIC = b"RXREC1\n"
@@ -99,14 +99,28 @@ def load_records(prefix: Location, label_mapping: str = "contiguous", min_box_si
     if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
         raise DatasetError(f"{meta_path}: not a {FORMAT} index of version {VERSION}")
     directory = storage.parent(meta_path)
-    shards = {entry["name"]: storage.join(directory, entry["name"]) for entry in info["shards"]}
+    shards = {}
+    for entry in info.get("shards") if isinstance(info.get("shards"), list) else []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        # A shard is a file beside its index (data convert writes it there): a name with a
+        # folder in it, ../ above all, is never read.
+        plain = isinstance(name, str) and name not in ("", ".", "..") and not set(name) & set("/\\\0")
+        if not plain:
+            raise DatasetError(f"{meta_path}: shard name {shown(name)} is not a file name in the index's folder")
+        shards[name] = storage.join(directory, name)
     needed: Dict[str, int] = {}
     slices = {}
-    for image in meta["images"]:
+    for image in meta["images"] if isinstance(meta.get("images"), list) else []:
         record = image.get("record") if isinstance(image, dict) else None
         if not isinstance(record, dict) or record.get("shard") not in shards:
             raise DatasetError(
-                f"{meta_path}: image {image.get('id') if isinstance(image, dict) else image!r} has no record in a listed shard"
+                f"{meta_path}: image {shown(image.get('id') if isinstance(image, dict) else image)} has no record in a listed shard"
+            )
+        fields = [record.get(key) for key in ("offset", "length", "crc32")]
+        if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in fields):
+            raise DatasetError(
+                f"{meta_path}: image {shown(image.get('id'))}: record offset, length and crc32 must be non-negative integers, "
+                f"got {shown(fields)}"
             )
         end = record["offset"] + record["length"]
         needed[record["shard"]] = max(needed.get(record["shard"], 0), end)
