@@ -227,10 +227,18 @@ def files_below(directory: Location) -> Set[str]:
     return {item.split("://", 1)[-1][len(prefix) :] for item in found}
 
 
-def read_bytes(path: Union[Location, ByteRange]) -> bytes:
+def read_bytes(path: Union[Location, ByteRange], at_most: Optional[int] = None) -> bytes:
+    """The file's bytes; with ``at_most``, no more than that many plus one are read from a file
+    (the caller sees from the length that it is longer), however long it is. A record's length
+    is known: callers check it before reading."""
     if isinstance(path, ByteRange):
         return _read_range(path)
-    return _remote(path, lambda fs: fs.cat_file(path)) if is_url(path) else Path(path).read_bytes()
+    if at_most is None:
+        return _remote(path, lambda fs: fs.cat_file(path)) if is_url(path) else Path(path).read_bytes()
+    if is_url(path):
+        return _remote(path, lambda fs: fs.cat_file(path, start=0, end=at_most + 1))
+    with open(path, "rb") as handle:
+        return handle.read(at_most + 1)
 
 
 def _read_range(item: ByteRange) -> bytes:

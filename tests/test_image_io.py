@@ -55,3 +55,25 @@ def test_sixteen_bit_png_keeps_its_top_byte(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.array([[0, 256, 65535, 40000]], dtype=np.uint16)).save(path)
     assert np.asarray(read_rgb(path))[0, :, 0].tolist() == [0, 1, 255, 156]
+
+
+def test_a_file_longer_than_any_allowed_image_is_not_read_whole(tmp_path, monkeypatch):
+    """A valid JPEG followed by a trailer: decoders ignore it, so it was read whole, however long."""
+    from retinanet_xla import storage
+    from retinanet_xla.data import image_io
+
+    path = tmp_path / "trailer.jpg"
+    Image.new("RGB", (20, 10)).save(path)
+    head = path.read_bytes()
+    limit = image_io.BYTES_PER_PIXEL * 1000 + image_io.HEADER_BYTES
+    with path.open("ab") as handle:
+        handle.write(b"\0" * (limit + 4096 - len(head)))
+    read, original = [], storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda p, at_most=None: read.append(at_most) or original(p, at_most))
+    with pytest.raises(
+        UnreadableImage, match=f"trailer.jpg: more than {limit:,} bytes, more than an image of data.max_pixels takes"
+    ):
+        read_rgb(path, max_pixels=1000)
+    assert read == [limit]
+    monkeypatch.undo()
+    assert read_rgb(path, max_pixels=2000).size == (20, 10)  # the same file, within a larger limit

@@ -27,6 +27,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # how files of those formats are nam
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None
 ORIENTATION_TAG = 0x0112  # EXIF
+# The most bytes a JPEG or PNG of N pixels takes: 16-bit RGBA stored uncompressed is 8 bytes a
+# pixel; with room for its metadata (EXIF, ICC profiles).
+BYTES_PER_PIXEL = 8
+HEADER_BYTES = 16 * 2**20
 
 
 def image_size(path: Path) -> Optional[Tuple[int, int]]:
@@ -63,12 +67,19 @@ def read_oriented(
     path: Union[Location, storage.ByteRange], data: Optional[bytes] = None, max_pixels: Optional[int] = None
 ) -> OrientedImage:
     """``read_rgb``, and what the EXIF orientation did (boxes in the stored frame follow it)."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    # A file may be short and still claim a huge trailer after its image: never read more than
+    # an image of the allowed size can take (a JPEG with a 2 GiB trailer was read whole).
+    max_bytes = BYTES_PER_PIXEL * limit + HEADER_BYTES
     try:
         if data is None:
-            data = storage.read_bytes(path)
+            if isinstance(path, storage.ByteRange) and path.length > max_bytes:
+                raise UnreadableImage(f"{path}: {path.length:,} bytes, more than an image of data.max_pixels takes")
+            data = storage.read_bytes(path, at_most=max_bytes)
+        if len(data) > max_bytes:
+            raise UnreadableImage(f"{path}: more than {max_bytes:,} bytes, more than an image of data.max_pixels takes")
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
-            limit = MAX_PIXELS if max_pixels is None else max_pixels
             if width * height > limit:
                 raise UnreadableImage(f"{path}: {width}x{height} pixels, more than the {limit:,} allowed (data.max_pixels)")
             orientation = image.getexif().get(ORIENTATION_TAG, 1)
