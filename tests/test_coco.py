@@ -117,6 +117,14 @@ def test_values_that_crashed_training_or_were_trained_on_wrongly_are_named_and_d
     assert "id 4: 4a.png" in dataset.examples["duplicate image id (every image with it skipped)"][0]
 
 
+def test_annotations_nested_beyond_any_parser_are_one_line(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError) as error:
+        load_coco(path, tmp_path)
+    assert str(error.value) == f"{path}: nested too deeply to be an annotation file"
+
+
 def test_duplicate_annotation_ids_and_ids_beyond_int64_are_named(tmp_path):
     path, images_dir = write_coco(
         tmp_path,

@@ -86,6 +86,8 @@ CASES = [
     ("", ["data.image_size=[10000,10000]"], "data.image_size must be [height, width] with both in 32..4096, got [10000, 10000]"),
     ("", ["train.optimizer.name=adam"], "train.optimizer.name must be one of sgd, adamw, got 'adam'"),
     ("", ["train.optimizer.betas=[0.9]"], "train.optimizer.betas must be two values in [0, 1), got [0.9]"),
+    ("train: " + "[" * 100_000 + "]" * 100_000 + "\n", [], "nested too deeply to be a config"),
+    ("# " + "x" * 2**20 + "\n", [], f"{2**20 + 3:,} bytes, more than a config file's {2**20:,}"),
     # A 9**9-item alias bomb under a key that wants a string: quoted in a few characters.
     (
         "train:\n  output_dir:\n    - &g0 [x, x, x, x, x, x, x, x, x]\n"

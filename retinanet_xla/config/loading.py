@@ -45,6 +45,7 @@ def _type_name(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+MAX_CONFIG_BYTES = 2**20  # the shipped configs are 2-4 KB
 MAX_INTEGER = 2**53  # every count and size fits in int64 and in a JSON number with room to spare
 
 
@@ -152,10 +153,14 @@ def _read_yaml(path: Location, chain: Sequence[str] = ()) -> Dict[str, Any]:
     identity = str(path) if storage.is_url(path) else str(Path(path).resolve())
     if identity in chain:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
+    if storage.size(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {storage.size(path):,} bytes, more than a config file's {MAX_CONFIG_BYTES:,}")
     try:
         data = yaml.safe_load(storage.read_text(path)) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
+    except RecursionError:  # [[[[... nested beyond what the parser's recursion can hold
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
@@ -181,7 +186,7 @@ def parse_override(text: str) -> Dict[str, Any]:
         raise ConfigError(f"--set {text}: expected key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     nested: Dict[str, Any] = value
     for part in reversed(key.split(".")):

@@ -178,6 +178,8 @@ def read_annotations(path: Location, missing: str = "annotation file does not ex
         return json.loads(storage.read_text(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:  # [[[[... nested beyond what the parser's recursion can hold
+        raise DatasetError(f"{path}: nested too deeply to be an annotation file") from None
 
 
 def load_coco(
