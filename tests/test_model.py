@@ -110,6 +110,23 @@ def test_wrong_weights_file_gives_one_line_error(tmp_path):
         RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=tmp_path / "missing.pth")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_weights_file_that_would_run_code_is_refused_in_one_line_without_advice_to_run_it(tmp_path, capsys):
+    path = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": _RunsCode()}, path)
+    with pytest.raises(ValueError) as error:
+        RetinaNet(backbone="resnet18", fpn_channels=32, head_convs=1, backbone_weights=path)
+    assert str(error.value) == (
+        f"backbone weights file {path} is not a PyTorch state dict of tensors "
+        "(it names the Python object print, which is never loaded)"
+    )
+    assert "this ran" not in capsys.readouterr().out
+
+
 def test_cross_replica_batch_norm_uses_global_statistics():
     torch.manual_seed(0)
     x = torch.randn(4, 8, 5, 5) * 3 + 1

@@ -10,6 +10,7 @@ network itself: the trunk runs once on a small input and the last block at each 
 
 import io
 import math
+import re
 from typing import Dict, List, Tuple
 
 import torch
@@ -110,7 +111,12 @@ class ClassifierBody(nn.Module):
         try:
             state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as error:  # pickle, zip and weights_only errors all mean "not a state dict"
-            raise ValueError(f"backbone weights file {path} is not a PyTorch state dict: {error}") from None
+            # torch's own text runs to several lines and suggests weights_only=False, which would
+            # run the file's code: one line naming what was refused, and nothing else.
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            reason = f"it names the Python object {named.group(1)}, which is never loaded" if named else first
+            raise ValueError(f"backbone weights file {path} is not a PyTorch state dict of tensors ({reason})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"backbone weights file {path} is not a state dict of tensors")
         state = {k: v for k, v in state.items() if not k.startswith(self.classifier_prefixes)}
