@@ -366,13 +366,28 @@ def make_dirs(path: Location) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def require_writable(target: Location) -> None:
+    """``target`` can take the files a command is about to write, checked before any work: a
+    local directory is created and a file written and removed in it; a URL's bucket exists.
+    Else one ``StorageError`` naming it (an evaluation lost the detections it had computed)."""
+    if is_url(target):
+        _require_bucket(target)
+        return
+    try:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise StorageError(f"{target}: cannot write there ({error.strerror or error})") from None
+
+
 @contextlib.contextmanager
 def written_through(target: Location) -> Iterator[Path]:
     """A local directory to write files into that end up in ``target``: ``target`` itself when
     it is local; for a URL, a temporary directory whose files are uploaded when the block ends
     without an error (export artefacts, predictions, which their writers want as local files)."""
+    require_writable(target)
     if not is_url(target):
-        Path(target).mkdir(parents=True, exist_ok=True)
         yield Path(target)
         return
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-upload-") as scratch:

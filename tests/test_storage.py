@@ -224,3 +224,15 @@ def test_a_storage_service_that_is_down_ends_the_run_with_exit_75_in_one_line(tm
         )
     )
     assert not list(tmp_path.iterdir())  # nothing written locally either
+
+
+def test_an_output_that_cannot_be_written_is_named_before_any_work(gcs, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(storage.StorageError) as error:
+        storage.require_writable(a_file / "eval")
+    assert str(error.value) == f"{a_file / 'eval'}: cannot write there (Not a directory)"
+    with pytest.raises(storage.StorageError, match="bucket gs://no-such-bucket does not exist"):
+        storage.require_writable("gs://no-such-bucket/eval")
+    storage.require_writable(tmp_path / "new" / "eval")
+    assert (tmp_path / "new" / "eval").is_dir() and not list((tmp_path / "new" / "eval").iterdir())

@@ -278,6 +278,13 @@ def test_checkpoints_with_forged_fields_or_wrong_shapes_are_one_line_for_eval_pr
             result = run_cli(capsys, monkeypatch, command[0], tmp_path / file, *command[1:])
             assert result.exit_code == 2 and "Traceback" not in result.stderr, (command, result.stderr[-3000:])
             assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / file}: {message}", command
+    # An output that cannot be written is named before the evaluation, not after it.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    result = run_cli(capsys, monkeypatch, "eval", output, "--output", blocked / "eval")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {blocked / 'eval'}: cannot write there (Not a directory)"
+    )
 
 
 def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained, tmp_path, capsys, monkeypatch):

@@ -30,6 +30,7 @@ def evaluate_checkpoint(
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
     config = inference_config(checkpoint, payload, overrides)
     output_dir = storage.location(output) if output else default_eval_dir(checkpoint)
+    storage.require_writable(output_dir)  # before the evaluation, not after it
     count = local_replica_count(config.runtime)
     if count is not None:
         split_batch(config.eval.batch_size, count, "eval.batch_size")  # fail before starting anything
