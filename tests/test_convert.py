@@ -102,6 +102,7 @@ def test_voc_xml_becomes_coco_with_difficult_objects_as_crowd(tmp_path, capsys, 
     [
         ("yolo", {"images/a.jpg": None}, "no classes.txt or data.yaml naming the YOLO classes"),
         ("yolo", {"data.yaml": "names: 3\n", "images/a.jpg": None}, "data.yaml: 'names' must be a list of class names"),
+        ("yolo", {"classes.txt": b"caf\xe9\n", "images/a.jpg": None}, "classes.txt: not UTF-8 text (byte 3)"),
         ("voc", {"JPEGImages/a.jpg": None}, "Annotations: Pascal VOC directory does not exist"),
         ("labelme", {}, "--from labelme: expected one of coco, yolo, voc"),
     ],
@@ -110,6 +111,8 @@ def test_a_dataset_that_is_not_the_format_is_one_line(tmp_path, capsys, monkeypa
     for name, text in layout.items():
         if text is None:
             picture(tmp_path / name, 8, 8)
+        elif isinstance(text, bytes):
+            (tmp_path / name).write_bytes(text)
         else:
             (tmp_path / name).write_text(text)
     result = run_cli(capsys, monkeypatch, "data", "convert", tmp_path, "--from", source, "--output", tmp_path / "out.json")

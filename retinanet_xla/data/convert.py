@@ -61,12 +61,20 @@ def convert(source: str, root: Path, output: Path) -> Conversion:
 
 def yolo_class_names(root: Path) -> List[str]:
     classes, data_yaml = root / "classes.txt", root / "data.yaml"
+    for named in (classes, data_yaml):
+        if named.is_file() and named.stat().st_size > 2**20:  # a class list is a few KB
+            raise DatasetError(f"{named}: {named.stat().st_size:,} bytes, more than a list of class names takes")
     if classes.is_file():
-        return [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+        try:
+            return [line.strip() for line in classes.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{classes}: not UTF-8 text (byte {error.start})") from None
     if data_yaml.is_file():
         try:
-            names = (yaml.safe_load(data_yaml.read_text()) or {}).get("names")
-        except (yaml.YAMLError, AttributeError):
+            names = (yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}).get("names")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{data_yaml}: not UTF-8 text (byte {error.start})") from None
+        except (yaml.YAMLError, AttributeError, RecursionError):
             names = None
         if isinstance(names, dict) and all(isinstance(k, int) for k in names):
             names = [str(names[k]) for k in sorted(names)] if sorted(names) == list(range(len(names))) else None
