@@ -120,6 +120,20 @@ def test_set_without_equals(tmp_path, capsys, monkeypatch):
     assert result.exit_code == 2 and result.stderr.strip() == "error: --set train.steps: expected key=value"
 
 
+@pytest.mark.xla
+def test_more_xla_cpu_devices_than_cores_is_one_line_not_a_rendezvous_abort(tmp_path, capsys, monkeypatch):
+    import os
+
+    too_many = len(os.sched_getaffinity(0)) + 1
+    result = run_cli(
+        capsys, monkeypatch, "bench", CONFIGS / "smoke.yaml", "--devices", str(too_many), "--set", f"train.batch_size={too_many}"
+    )
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: runtime.num_devices {too_many}: the XLA CPU client runs each device as a thread, at most one per core "
+        f"({too_many - 1} here); use --devices {too_many - 1} or fewer"
+    )
+
+
 def test_batch_not_divisible_by_replicas(tmp_path, capsys, monkeypatch):
     result = run_cli(
         capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.batch_size=3", "--set", "runtime.num_devices=2"

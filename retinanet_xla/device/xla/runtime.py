@@ -102,9 +102,18 @@ class XlaRuntime(Runtime):
         first): on the CPU client ``num_devices`` or else ``CPU_NUM_DEVICES``; on a TPU
         ``num_devices``, or None for every chip."""
         num_devices = settings.num_devices
-        if num_devices is not None or not on_cpu_client():
+        if not on_cpu_client():
             return num_devices
-        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+        count = num_devices if num_devices is not None else int(os.environ.get("CPU_NUM_DEVICES", "1"))
+        # Each CPU device is a thread, and XLA aborts a collective whose threads have not all
+        # arrived within 10 s: with more threads than cores, some never get there in time.
+        cores = len(os.sched_getaffinity(0))
+        if count > cores:
+            raise ConfigError(
+                f"runtime.num_devices {count}: the XLA CPU client runs each device as a thread, at most one per core "
+                f"({cores} here); use --devices {cores} or fewer"
+            )
+        return count
 
     @staticmethod
     def spawn(entry: Callable, args: tuple, settings: RuntimeConfig) -> None:
