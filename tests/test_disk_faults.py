@@ -37,6 +37,15 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     )
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary file left
     assert load_checkpoint(target)["step"] == 1
+    # Where the disk is in fact (nearly) full, torch's words are translated.
+    usage = checkpoint_module.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    with pytest.raises(RunFailed) as failure:
+        save_checkpoint(target, {**PAYLOAD, "step": 2})
+    assert str(failure.value) == (
+        f"{target}: could not write the checkpoint (no space left on device: 1.0 MiB free); the checkpoints before it are intact"
+    )
+    assert load_checkpoint(target)["step"] == 1
 
 
 def test_a_checkpoint_directory_that_cannot_exist_is_one_line(tmp_path):

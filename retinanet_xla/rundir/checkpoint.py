@@ -10,7 +10,9 @@ import hashlib
 import io
 import pickle
 import platform
-from typing import Any, Dict
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -88,9 +90,26 @@ def save_checkpoint(path: Location, payload: Dict[str, Any]) -> None:
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = getattr(error, "strerror", None) or (lines[-1] if lines else type(error).__name__)
+        # torch.save's zip writer reports a full disk as "[enforce fail at inline_container.cc]
+        # unexpected pos": say what it means where the disk is nearly full.
+        free = _free_bytes(path)
+        if not getattr(error, "strerror", None) and free is not None and free < FULL_DISK_BYTES:
+            reason = f"no space left on device: {free / 2**20:.1f} MiB free"
         raise RunFailed(f"{path}: could not write the checkpoint ({reason}); the checkpoints before it are intact") from None
     except storage.StorageError as error:
         raise RunFailed(f"could not write the checkpoint: {error}; the checkpoints before it are intact") from None
+
+
+FULL_DISK_BYTES = 64 * 2**20  # less free than this after a failed write: the disk filled up
+
+
+def _free_bytes(path: Location) -> Optional[int]:
+    if storage.is_url(path):
+        return None
+    try:
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return None
 
 
 def load_checkpoint(path: Location) -> Dict[str, Any]:
