@@ -248,10 +248,13 @@ def load_coco(
             continue
         images[entry["id"]] = (path, int(width), int(height), [])
 
-    annotation_ids = Counter(entry.get("id") for entry in data["annotations"] if isinstance(entry, dict))
+    # Only integer ids are compared (training does not use them; evaluation numbers them anew).
+    annotation_ids = Counter(
+        entry.get("id") for entry in data["annotations"] if isinstance(entry, dict) and _integer(entry.get("id"))
+    )
     for entry in data["annotations"]:
         _require(isinstance(entry, dict), annotations_file, "every annotation must be an object")
-        if annotation_ids[entry.get("id")] > 1:
+        if _integer(entry.get("id")) and annotation_ids[entry["id"]] > 1:
             dataset.note("duplicate annotation id (evaluation numbers them anew)", f"annotation {entry.get('id')!r}")
         problem = annotation_problem(entry, images, categories)
         if problem is not None:
