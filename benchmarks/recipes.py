@@ -12,7 +12,7 @@ On the built-in synthetic data (the default) or on COCO-format data of your own:
         --json runs/recipes/recipes.json --markdown runs/recipes/recipes.md
     python benchmarks/recipes.py --config configs/small-dataset.yaml --output runs/my-recipes \\
         --train-annotations data/train.json --train-images data/images \\
-        --val-annotations data/val.json --val-images data/images --variants small-dataset giou
+        --val-annotations data/val.json --val-images data/images --variants smoke gn-head giou
 """
 
 import argparse
@@ -34,14 +34,14 @@ ADAMW = ["train.optimizer.name=adamw", "train.optimizer.weight_decay=0.05", "tra
 VARIANTS: Dict[str, List[str]] = {
     "smoke": [],
     "giou": ["loss.box_loss=giou", "loss.box_loss_weight=2.0"],
-    "gn-head": ["model.head.norm=gn"],
+    "gn-head": ["model.head.norm=gn"],  # configs/small-dataset.yaml's choices on the smoke model
     "p6-from-c5": ["model.p6_from=c5"],
     "adamw": [*ADAMW, "train.schedule.base_lr=4.0e-4", "train.schedule.warmup_start_lr=4.0e-5"],
     "ema": ["train.ema_decay=0.99"],
     "jitter-0.5-2.0": ["data.augmentation.scale_min=0.5", "data.augmentation.scale_max=2.0"],
     "box-weight-25": ["loss.box_loss_weight=25.0"],
     "focal-gamma-2-alpha-0.25": ["loss.focal_gamma=2.0", "loss.focal_alpha=0.25"],
-    "small-dataset": ["--config", "configs/small-dataset.yaml"],
+    "gn-head+adamw": ["model.head.norm=gn", *ADAMW, "train.schedule.base_lr=4.0e-4", "train.schedule.warmup_start_lr=4.0e-5"],
 }
 STATS = ("AP", "AP50", "AP75", "APs")
 
