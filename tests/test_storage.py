@@ -204,9 +204,9 @@ def test_record_shards_in_a_bucket_give_the_local_files_batches(gcs, bucket, tmp
 def test_a_storage_service_that_is_down_ends_the_run_with_exit_75_in_one_line(tmp_path):
     """Not the user's mistake: exit 75 ("try again"), as a preempted run, so that a wrapper
     rerunning while the exit is 75 reruns; the back-end's retries are one warning line each."""
-    env = {**os.environ, **GCS_ENV, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "PJRT_DEVICE": "CPU"}
+    env = {**os.environ, **GCS_ENV, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
     result = subprocess.run(
-        [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", "gs://down/run"],
+        [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", "gs://down/run", "--set", "runtime.device=cpu"],
         capture_output=True,
         text=True,
         timeout=300,
