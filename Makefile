@@ -13,7 +13,7 @@ NATIVE_STAMP := $(NATIVE_VENV)/.installed
 # package itself has no upper pin. torch-tpu 0.2.0 supports torch 2.11 to 2.15.
 NATIVE_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint test test-xla test-native test-fast demo bench bench-backbones bench-ratios bench-recipes clean
+.PHONY: chromium install lint test test-xla test-native test-fast demo bench bench-backbones bench-ratios bench-recipes clean
 
 # --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
 # pip's cache; a CI run on a full disk failed with ENOSPC during this install.
@@ -41,7 +41,16 @@ install: $(STAMP) $(NATIVE_STAMP)
 # Each environment's suite drives the other's CLI once (a checkpoint across backends).
 test: lint test-xla test-native
 
-test-xla: $(STAMP) $(NATIVE_STAMP)
+# The report test screenshots a page in headless Chromium, from Debian's packages: installed
+# here when missing (as root, or with sudo that needs no password), else one line saying how.
+chromium:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+		echo "make: installing Debian's chromium for the report test"; \
+		{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; } \
+		|| { echo "make: the report test needs Chromium: run 'apt-get install chromium' as root, then make test again" >&2; exit 1; }; }
+
+test-xla: $(STAMP) $(NATIVE_STAMP) chromium
 	PJRT_DEVICE=CPU RETINANET_NATIVE_ENV=$(abspath $(NATIVE_BIN)) $(BIN)/python -m pytest -q
 
 test-native: $(STAMP) $(NATIVE_STAMP)

@@ -30,7 +30,6 @@ def evaluate_checkpoint(
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
     config = inference_config(checkpoint, payload, overrides)
     output_dir = storage.location(output) if output else default_eval_dir(checkpoint)
-    storage.require_writable(output_dir)  # before the evaluation, not after it
     count = local_replica_count(config.runtime)
     if count is not None:
         split_batch(config.eval.batch_size, count, "eval.batch_size")  # fail before starting anything
@@ -47,6 +46,7 @@ def evaluate_checkpoint(
             f"{coco.annotations_file}: category {first} is {coco.mapping.names[first]!r} here but "
             f"{trained.names[first]!r} in the training set of {checkpoint} ({len(renamed)} categories differ)"
         )
+    storage.require_writable(output_dir)  # before the evaluation, not after it
     del payload  # each replica loads its own copy
     return run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config), output_dir
 
