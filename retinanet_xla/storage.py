@@ -62,7 +62,7 @@ class StorageUnavailable(StorageError):
 
 # Statuses a storage service gives while it is failing or overloaded, not for a wrong request.
 _UNAVAILABLE_STATUSES = (408, 429, 500, 502, 503, 504)
-_CONNECTION_ERRORS = ("ClientConnectionError", "ServerTimeoutError", "ServerDisconnectedError")
+_CONNECTION_ERRORS = frozenset(("ClientConnectionError", "ServerTimeoutError", "ServerDisconnectedError"))
 
 # gcsfs sets no timeout on its requests: a server that accepts a connection and never answers
 # held `train --output gs://...` silent for 7 minutes, until killed. Per-read limits, not a total,
@@ -70,13 +70,16 @@ _CONNECTION_ERRORS = ("ClientConnectionError", "ServerTimeoutError", "ServerDisc
 GCS_OPTIONS = {"sock_connect": 20.0, "sock_read": 60.0}
 
 
+def _status(error: BaseException) -> Optional[int]:
+    """The HTTP status a back-end's error carries (gcsfs: ``code``; aiohttp: ``status``)."""
+    return getattr(error, "code", None) or getattr(error, "status", None)
+
+
 def _unavailable(error: BaseException) -> bool:
-    status = getattr(error, "code", None) or getattr(error, "status", None)
-    names = {cls.__name__ for cls in type(error).__mro__}
     return (
         isinstance(error, (ConnectionError, TimeoutError))
-        or status in _UNAVAILABLE_STATUSES
-        or bool(names & set(_CONNECTION_ERRORS))
+        or _status(error) in _UNAVAILABLE_STATUSES
+        or any(cls.__name__ in _CONNECTION_ERRORS for cls in type(error).__mro__)
     )
 
 
@@ -141,7 +144,7 @@ def _filesystem(url: str):
 
 def describe_failure(url: str, error: BaseException) -> str:
     """One line for what a back-end raised: the status and its reason, never a traceback."""
-    status = getattr(error, "code", None) or getattr(error, "status", None)
+    status = _status(error)
     text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     if status and text.endswith(f", {status}"):  # gcsfs's HttpError appends its status
         text = text[: -len(f", {status}")]

@@ -152,6 +152,8 @@ def annotation_problem(entry: dict, image_ids: Container, categories: Container)
 def resolve_image_path(images_dir: Location, file_name: str) -> Optional[Location]:
     """The image's path, or None when ``file_name`` would leave the images directory
     (absolute paths, ``..``, symlinks pointing out; on object storage, keys outside the prefix)."""
+    if "\0" in file_name:  # no file system takes it (Path.resolve raises on it)
+        return None
     if storage.is_url(images_dir):
         relative = posixpath.normpath(file_name)
         outside = relative.startswith(("/", "../")) or relative in (".", "..") or "://" in file_name

@@ -169,7 +169,7 @@ def from_voc(root: Path) -> Conversion:
     conversion.coco["categories"] = [{"id": ids[name], "name": name} for name in names]
     for image_id, (xml_file, tree) in enumerate(parsed, 1):
         file_name = (tree.findtext("filename") or f"{xml_file.stem}.jpg").strip()
-        path = resolve_image_path(images_dir, file_name) if "\0" not in file_name else None
+        path = resolve_image_path(images_dir, file_name)
         if path is None:  # the output's file names must stay inside JPEGImages, as data check requires
             conversion.note("image path outside the images directory", f"{xml_file.name} -> {file_name!r}")
             continue
