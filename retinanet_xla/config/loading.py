@@ -103,11 +103,8 @@ def _convert(value, hint, key: str, where: str):
 
 
 class _WrongType(ConfigError):
-    """A value that is not of its key's type; the message is built when it is shown, and
-    shortened (``_shown``)."""
-
-    def __init__(self, where: str, key: str, hint, value):
-        super().__init__(where, key, hint, value)
+    """A value that is not of its key's type, raised as ``_WrongType(where, key, hint, value)``:
+    the message is built only when it is shown, and shortened (``shown``)."""
 
     def __str__(self) -> str:
         where, key, hint, value = self.args
@@ -153,8 +150,9 @@ def _read_yaml(path: Location, chain: Sequence[str] = ()) -> Dict[str, Any]:
     identity = str(path) if storage.is_url(path) else str(Path(path).resolve())
     if identity in chain:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
-    if storage.size(path) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {storage.size(path):,} bytes, more than a config file's {MAX_CONFIG_BYTES:,}")
+    size = storage.size(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes, more than a config file's {MAX_CONFIG_BYTES:,}")
     try:
         data = yaml.safe_load(storage.read_text(path)) or {}
     except UnicodeDecodeError:
