@@ -157,20 +157,25 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
         assert str(checkpoints[-1]) in message[0]
 
 
+def assert_no_resume_refused(output: Path, found: str) -> None:
+    """``train --no-resume`` into OUTPUT is refused in one line naming what the earlier run left."""
+    result = subprocess.run(
+        command(output, "train.steps=2") + ["--no-resume"], capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {output}: holds checkpoints of an earlier run ({found}); "
+        "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
+    )
+
+
 def test_no_resume_refuses_a_directory_holding_an_earlier_runs_checkpoints(straight, tmp_path):
     """Rotation keeps the highest steps: the old run's later checkpoints would delete every new
     one, and a rerun would resume the old run. Nothing is written, nothing lost."""
     old = tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt"
     old.parent.mkdir(parents=True)
     old.write_bytes((straight / "checkpoints" / old.name).read_bytes())
-    result = subprocess.run(
-        command(tmp_path, "train.steps=2") + ["--no-resume"], capture_output=True, text=True, timeout=600, env=ENV
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}: holds checkpoints of an earlier run (newest {old.name}); "
-        "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
-    )
+    assert_no_resume_refused(tmp_path, f"newest {old.name}")
     assert old.read_bytes() == (straight / "checkpoints" / old.name).read_bytes()
     assert not (tmp_path / "config.yaml").exists()
     (tmp_path / "metrics.jsonl").write_text('{"step": 8, "loss": 1.0}\n')
@@ -197,14 +202,7 @@ def test_no_resume_refuses_a_directory_whose_run_kept_only_its_best_checkpoint(s
     best.parent.mkdir(parents=True)
     best.write_bytes((straight / "checkpoints" / f"step_{2 * N:08d}.pt").read_bytes())
     (tmp_path / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text())
-    result = subprocess.run(
-        command(tmp_path, "train.steps=2") + ["--no-resume"], capture_output=True, text=True, timeout=600, env=ENV
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}: holds checkpoints of an earlier run (best.pt); "
-        "--no-resume would mix the two runs: use another --output, or add --overwrite to move them aside"
-    )
+    assert_no_resume_refused(tmp_path, "best.pt")
     assert best.read_bytes() == (straight / "checkpoints" / f"step_{2 * N:08d}.pt").read_bytes()
     assert (tmp_path / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
 
