@@ -1,7 +1,6 @@
 """The ``retinanet-xla`` command line."""
 
 import json
-import logging
 import sys
 from typing import List, Optional
 
@@ -11,6 +10,7 @@ from retinanet_xla import __version__, storage
 from retinanet_xla.commands.data import data_app
 from retinanet_xla.config import load_config
 from retinanet_xla.errors import ConfigError, RunFailed, RunStopped, UserError
+from retinanet_xla.logs import configure_logging
 
 app = typer.Typer(
     name="retinanet-xla",
@@ -183,10 +183,10 @@ def predict(
         f"{done.images} image(s), {done.detections} detection(s) at score >= {score_threshold}, "
         f"{len(done.unreadable)} unreadable; wrote {done.json_path}"
     )
-    if done.unreadable:  # everything readable was still written
+    if done.unreadable:  # everything readable was still written; the rest is the input's fault
         for problem in done.unreadable[:5]:
             typer.echo(f"error: unreadable image: {problem}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(ConfigError.exit_code)
 
 
 @app.command()
@@ -244,20 +244,10 @@ def export_command(
 app.add_typer(data_app, name="data")
 
 
-def _one_line(record: logging.LogRecord) -> bool:
-    """A storage back-end's failure as one warning line: the error it ends in is ours, in one
-    line (storage.py), and its tracebacks said nothing more."""
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    if record.levelno > logging.WARNING:
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-    return True
-
-
 def main() -> None:
     """Entry point: every way a command ends maps to the exit code of its kind (errors.py); user
     mistakes end in one line on stderr, never a traceback."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("gcsfs").addFilter(_one_line)
+    configure_logging()
     try:
         app(standalone_mode=True)
     except RunStopped as stop:  # its message says how to resume

@@ -33,3 +33,21 @@ def test_the_console_script_starts_one_interpreter_on_the_cpu_client(tmp_path):
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and "Usage: retinanet-xla" in result.stdout
     assert len((tmp_path / "starts").read_text().split()) == 1
+
+
+def test_help_and_version_do_not_import_torch():
+    """`--help` and `--version` answer without torch (seconds to import; docs/performance.md,
+    "Start-up"): the commands import what they run when they run."""
+    probe = (
+        "import sys\n"
+        "from retinanet_xla.cli import app\n"
+        "for arguments in (['--version'], ['--help'], ['train', '--help'], ['data', 'convert', '--help']):\n"
+        "    try:\n"
+        "        app(arguments)\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, (arguments, done.code)\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "False"

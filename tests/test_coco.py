@@ -10,6 +10,7 @@ from retinanet_xla.data import (
     load_coco,
 )
 from retinanet_xla.data.check import check_dataset
+from tests.cli_helpers import run_cli
 from tests.coco_files import box, image, write_coco
 
 
@@ -150,3 +151,22 @@ def test_a_dataset_without_boxes_is_refused_for_training_and_reported_by_check(t
         dataset_split(config, "train", tmp_path)
     report = check_dataset(path, images_dir)
     assert not report.ok and "no usable boxes in any image: 1" in "\n".join(report.lines())
+
+
+def test_symlink_loops_and_overlong_file_names_are_missing_images_not_tracebacks(tmp_path, capsys, monkeypatch):
+    long_name = "x" * 300 + ".png"  # longer than a file name may be (255 bytes on ext4)
+    path, images_dir = write_coco(
+        tmp_path,
+        [image(1), image(2, "loop", create=False), image(3, long_name, create=False), image(4, "spin/a.png", create=False)],
+        [box(n, [1, 1, 10, 10]) for n in range(1, 5)],
+    )
+    (images_dir / "loop").symlink_to("loop-back")
+    (images_dir / "loop-back").symlink_to("loop")
+    (images_dir / "spin").symlink_to("spin")
+    result = run_cli(capsys, monkeypatch, "data", "check", path, "--images", images_dir)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        f"missing image file: 3 (e.g. {images_dir / 'loop'}; {images_dir / long_name}; {images_dir / 'spin' / 'a.png'})"
+        in result.stdout
+    )
+    assert result.stdout.startswith(f"{path}: 1 usable images")

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import ROOT, run_cli
 
 
 def picture(path, width, height):
@@ -118,3 +118,70 @@ def test_a_dataset_that_is_not_the_format_is_one_line(tmp_path, capsys, monkeypa
     result = run_cli(capsys, monkeypatch, "data", "convert", tmp_path, "--from", source, "--output", tmp_path / "out.json")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def yolo_split(root, split, count, layout="ultralytics"):
+    images, labels = (
+        (root / "images" / split, root / "labels" / split)
+        if layout == "ultralytics"
+        else (root / split / "images", root / split / "labels")
+    )
+    for number in range(count):
+        picture(images / f"{split}{number}.jpg", 64, 64)
+        labels.mkdir(parents=True, exist_ok=True)
+        (labels / f"{split}{number}.txt").write_text(f"{number % 2} 0.5 0.5 0.4 0.3\n")
+
+
+@pytest.mark.parametrize("layout", ["ultralytics", "roboflow"])
+def test_yolo_train_and_val_splits_become_two_coco_files_that_train_and_evaluate(tmp_path, capsys, monkeypatch, layout):
+    root = tmp_path / "yolo"
+    yolo_split(root, "train", 6, layout)
+    yolo_split(root, "val", 2, layout)
+    (root / "classes.txt").write_text("tree\nhouse\n")
+    merged = run_cli(capsys, monkeypatch, "data", "convert", root, "--from", "yolo", "--output", tmp_path / "all.json")
+    assert merged.exit_code == 2 and merged.stderr.strip() == (
+        f"error: {root}: holds the splits train, val: convert each to its own COCO file with --split NAME (--split all merges them)"
+    )
+    files = {}
+    for split, role in (("train", "train"), ("val", "val")):
+        files[split] = tmp_path / f"{split}.json"
+        result = run_cli(
+            capsys, monkeypatch, "data", "convert", root, "--from", "yolo", "--split", split, "--output", files[split]
+        )
+        assert result.exit_code == 0, result.stderr
+        images_dir = root / "images" / split if layout == "ultralytics" else root / split / "images"
+        assert result.stdout.strip().splitlines()[-1] == (
+            f"use it with: --set data.{role}.annotations={files[split]} --set data.{role}.images={images_dir}"
+        )
+        coco = json.loads(files[split].read_text())
+        assert sorted(entry["file_name"] for entry in coco["images"]) == [
+            f"{split}{n}.jpg" for n in range(6 if split == "train" else 2)
+        ]
+    run = tmp_path / "run"
+    settings = [
+        f"data.train.annotations={files['train']}",
+        f"data.train.images={root / 'images' / 'train' if layout == 'ultralytics' else root / 'train' / 'images'}",
+        f"data.val.annotations={files['val']}",
+        f"data.val.images={root / 'images' / 'val' if layout == 'ultralytics' else root / 'val' / 'images'}",
+        "model.num_classes=2",
+        "data.image_size=[64,64]",
+        "data.num_workers=0",
+        "train.batch_size=2",
+        "eval.batch_size=2",
+        "train.steps=2",
+        "runtime.device=cpu",
+    ]
+    trained = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        ROOT / "configs" / "smoke.yaml",
+        "--output",
+        run,
+        *[a for s in settings for a in ("--set", s)],
+    )
+    assert trained.exit_code == 0, trained.stderr[-3000:]
+    evaluated = run_cli(capsys, monkeypatch, "eval", run, "--set", "runtime.device=cpu")
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    metrics = json.loads(next((run / "eval").glob("*/metrics.json")).read_text())
+    assert metrics["images"] == 2 and set(metrics["per_category_AP"]) == {"tree", "house"}

@@ -1,4 +1,5 @@
-"""The detection dataset: an unreadable image replaced and counted, boxes of a rotated photo."""
+"""The detection dataset: an unreadable image replaced and counted (a dataset of them refused),
+boxes of a rotated photo."""
 
 import json
 
@@ -11,7 +12,10 @@ from retinanet_xla.data import (
     load_coco,
 )
 from retinanet_xla.data.check import check_dataset
+from retinanet_xla.data.dataset import UNREADABLE_IN_A_ROW
 from retinanet_xla.data.image_io import read_rgb
+from retinanet_xla.errors import DatasetError
+from tests.cli_helpers import ROOT, run_cli
 from tests.coco_files import box, image, write_coco
 
 
@@ -47,3 +51,48 @@ def test_boxes_of_an_exif_rotated_photo_turn_with_its_pixels(tmp_path, orientati
     ys, xs = np.nonzero(displayed[:, :, 0] > 128)
     np.testing.assert_allclose(box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=0.01)
     assert check_dataset(tmp_path / "instances.json", tmp_path).ok  # the stored size is a valid size
+
+
+def test_a_dataset_whose_images_all_fail_to_decode_stops_the_run_in_one_line(tmp_path, capsys, monkeypatch):
+    """Through the CLI, with the images decoded in a loader worker (torch re-raises a worker's
+    error with its traceback in the message): one line, exit 2, and nothing trained on."""
+    records = [image(n) for n in range(1, 6)]
+    path, images_dir = write_coco(tmp_path, records, [box(n, [10, 10, 20, 20]) for n in range(1, 6)])
+    for entry in records:
+        (images_dir / entry["file_name"]).write_bytes(b"\x89PNG not really")
+    output = tmp_path / "run"
+    overrides = [
+        f"data.train.annotations={path}",
+        f"data.train.images={images_dir}",
+        "data.num_workers=1",
+        "data.image_size=[64,64]",
+        "train.batch_size=2",
+        "runtime.device=cpu",
+    ]
+    result = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        ROOT / "configs" / "smoke.yaml",
+        "--output",
+        output,
+        *sum((["--set", o] for o in overrides), []),
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: none of the dataset's 5 images could be read (the last: {images_dir}/"
+    ) and result.stderr.strip().endswith("`retinanet-xla data check` names every problem")
+    assert not list((output / "checkpoints").glob("step_*.pt"))
+
+
+def test_a_sample_gives_up_after_a_run_of_unreadable_images(tmp_path):
+    """A broken directory is not searched image by image to its end for every sample."""
+    records = [image(n) for n in range(1, UNREADABLE_IN_A_ROW + 3)]  # all but the last broken
+    path, images_dir = write_coco(tmp_path, records, [box(n, [10, 10, 20, 20]) for n in range(1, len(records) + 1)])
+    for entry in records[:-1]:
+        (images_dir / entry["file_name"]).write_bytes(b"broken")
+    coco = load_coco(path, images_dir)
+    dataset = DetectionDataset(coco.records, coco.mapping, (32, 32), 4)
+    assert dataset[(2, 0)]["unreadable"] == UNREADABLE_IN_A_ROW - 1  # the readable one is the 64th tried
+    with pytest.raises(DatasetError, match=f"^{UNREADABLE_IN_A_ROW} images in a row could not be read"):
+        dataset[(0, 0)]

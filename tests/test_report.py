@@ -29,3 +29,21 @@ def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch
     result = run_cli(capsys, monkeypatch, "report", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl: not a run directory, or a run that logged nothing yet"
+
+
+def test_the_report_shows_what_eval_wrote_for_steps_training_did_not_evaluate(tmp_path, capsys, monkeypatch):
+    """make demo trains without periodic evaluation, then runs `eval RUN`: its AP is on the page."""
+    rows = [{"step": s, "loss": 3.0 / s, "cls_loss": 1.0 / s, "lr": 0.01} for s in range(1, 5)]
+    rows.append({"step": 2, "eval": {"AP": 0.1, "AP50": 0.2, "AP75": 0.05, "per_category_AP": {"cat": 0.1}}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for step, ap in ((2, 0.9), (4, 0.456)):  # step 2: training's own evaluation wins
+        (tmp_path / "eval" / f"step_{step:08d}").mkdir(parents=True)
+        metrics = {"AP": ap, "AP50": 0.7, "AP75": 0.5, "per_category_AP": {"cat": 0.6}, "step": step, "summary": []}
+        (tmp_path / "eval" / f"step_{step:08d}" / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "eval" / "odd").mkdir()
+    (tmp_path / "eval" / "odd" / "metrics.json").write_text("{not json")
+    result = run_cli(capsys, monkeypatch, "report", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<th>AP (step 4)</th><td>0.456</td>" in page and "<th>AP cat</th><td>0.600</td>" in page
+    assert (tmp_path / "report" / "ap.png").is_file()

@@ -30,8 +30,15 @@ STEPS = [
 
 
 def run_train(output: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``train ... > log.txt``, as a user keeps a run's output: its stdout is that file's text."""
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
-    return subprocess.run(train_command(output, *STEPS, *extra), capture_output=True, text=True, timeout=timeout, env=env)
+    log = output.parent / f"{output.name}-log.txt"
+    with open(log, "w") as stdout:
+        result = subprocess.run(
+            train_command(output, *STEPS, *extra), stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env
+        )
+    result.stdout = log.read_text()
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +59,16 @@ def test_training_run_succeeds_without_recompiling(trained):
     assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     assert 0.0 <= summary["device_wait_fraction"] < 1.0
     assert [line for line in result.stderr.splitlines() if "WARNING" in line] == []
-    # Redirected output (not a terminal): one plain line per log step, and where TensorBoard is.
-    plain = [line for line in result.stderr.splitlines() if line.startswith("step ") and "/12  loss " in line]
+    # Output to a file: one plain line per log step in it, and where TensorBoard is.
+    plain = [line for line in result.stdout.splitlines() if line.startswith("step ") and "/12  loss " in line]
     assert [line.split("/")[0] for line in plain] == ["step 1", "step 4", "step 6", "step 8", "step 12"]
     assert "ETA 0:" in plain[-2] and " img/s" in plain[-1] and "(cls " in plain[0]
-    assert f"TensorBoard: tensorboard --logdir {output / 'tensorboard'}" in result.stderr
+    assert f"TensorBoard: tensorboard --logdir {output / 'tensorboard'}" in result.stdout
 
 
 def test_the_profiler_traced_the_configured_steps(trained):
     output, result = trained
-    assert f"profiled steps 4-5: open {output / 'tensorboard'}" in result.stderr
+    assert f"profiled steps 4-5: open {output / 'tensorboard'}" in result.stdout
     (trace,) = (output / "tensorboard" / "plugins" / "profile").glob("*/*.trace.json.gz")
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     names = [event.get("name", "") for event in events]
@@ -294,7 +301,7 @@ def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained
     (inputs / "..jpg").write_bytes((output / "synthetic" / "val" / "000001.jpg").read_bytes())  # a name that was special
     (inputs / "broken.png").write_bytes(b"not a png")
     result = run_cli(capsys, monkeypatch, "predict", output, inputs, "--output", tmp_path / "pred")
-    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # the input's fault: a user's mistake
     assert result.stdout.strip().splitlines()[-1].startswith("2 image(s), ") and ", 1 unreadable; wrote " in result.stdout
     assert result.stderr.strip().splitlines() == [f"error: unreadable image: {inputs / 'broken.png'}: not a JPEG or PNG image"]
     written = json.loads((tmp_path / "pred" / "detections.json").read_text())
@@ -357,7 +364,7 @@ def test_fine_tuning_from_a_run_on_other_classes_then_resuming_ignores_init_from
     result = run_cli(capsys, monkeypatch, *train_command(run, *settings)[1:])
     assert result.exit_code == 0, result.stderr[-3000:]
     newest = load_checkpoint(output / "checkpoints" / "step_00000012.pt")
-    line = next(line for line in result.stderr.splitlines() if line.startswith("init_from "))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("init_from "))
     assert line.startswith(f"init_from {output}: loaded ") and line.endswith(
         "classes carried over: oval <- ellipse, cross <- cross"
     )
@@ -371,13 +378,14 @@ def test_fine_tuning_from_a_run_on_other_classes_then_resuming_ignores_init_from
     assert not torch.equal(tuned["head.regression_head.bbox_reg.weight"], newest["ema"]["head.regression_head.bbox_reg.weight"])
     again = run_cli(capsys, monkeypatch, *train_command(run, *settings, "train.steps=3")[1:])
     assert again.exit_code == 0, again.stderr[-3000:]
-    assert f"model.init_from {output} ignored: resuming from {run / 'checkpoints' / 'step_00000002.pt'}" in again.stderr
+    assert f"model.init_from {output} ignored: resuming from {run / 'checkpoints' / 'step_00000002.pt'}" in again.stdout
 
 
 def test_the_run_ends_with_a_report_a_browser_shows(trained, tmp_path):
     output, result = trained
     page = output / "report" / "index.html"
-    assert json.loads(result.stdout)["report"] == str(page) and page.is_file()  # train's printed summary
+    printed = result.stdout[result.stdout.index("\n{\n") :]  # the summary, after the run's lines
+    assert json.loads(printed)["report"] == str(page) and page.is_file()
     for name in ("loss.png", "lr.png", "images_per_second.png", "ap.png", "predictions.png"):
         picture = np.asarray(Image.open(output / "report" / name).convert("L"), dtype=np.float32)
         assert picture.std() > 10, f"{name} is blank"  # lines, text, images: not one colour
@@ -412,3 +420,17 @@ def test_predict_draws_ground_truth_beside_the_detections(trained, tmp_path, cap
         assert entry["ground_truth_boxes"] == boxes_per_file.get(Path(entry["file"]).name, 0)
         picture = Image.open(tmp_path / "pred" / entry["picture"])
         assert picture.size == (2 * entry["width"] + 8, entry["height"])  # ground truth | detections
+
+
+def test_eval_of_a_run_puts_its_metrics_in_the_runs_report(trained, tmp_path, capsys, monkeypatch):
+    """As in make demo: a run trained without evaluating, then `eval RUN`: its report shows the AP."""
+    output, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(output, run, ignore=shutil.ignore_patterns("tensorboard", "eval", "export"))
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(row + "\n" for row in rows if '"eval"' not in row))
+    assert "AP (step" not in run_cli(capsys, monkeypatch, "report", run).stdout + (run / "report" / "index.html").read_text()
+    evaluated = run_cli(capsys, monkeypatch, "eval", run, "--set", "runtime.device=cpu")
+    assert evaluated.exit_code == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "step_00000012" / "metrics.json").read_text())
+    assert f"<th>AP (step 12)</th><td>{metrics['AP']:.3f}</td>" in (run / "report" / "index.html").read_text()

@@ -342,6 +342,9 @@ class RuntimeConfig:
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: a profiler trace of those train steps
     step_graph: str = "replay"  # replay: trace the train step once, then rerun its graph | retrace: trace every step
+    # XLA's CPU client only: 1x1 and small-output convolutions as matrix products, which it runs
+    # faster (docs/performance.md, "XLA:CPU kernel rewrites"); TPUs and native devices ignore it
+    xla_cpu_kernels: bool = True
 
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)

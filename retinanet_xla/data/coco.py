@@ -7,6 +7,7 @@ paths must stay inside the images directory.
 """
 
 import json
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -159,14 +160,24 @@ def resolve_image_path(images_dir: Location, file_name: str) -> Optional[Locatio
         outside = relative.startswith(("/", "../")) or relative in (".", "..") or "://" in file_name
         return None if outside else storage.join(images_dir, relative)
     root = Path(images_dir).resolve()
-    candidate = (root / file_name).resolve()
+    try:
+        candidate = (root / file_name).resolve()
+    except (RuntimeError, OSError):  # a symlink loop: no file there, but where it lies is known
+        candidate = Path(os.path.normpath(root / file_name))
     return candidate if candidate.is_relative_to(root) and candidate != root else None
+
+
+def _local_file_exists(path: Location) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name longer than the file system takes (ENAMETOOLONG), a denied folder
+        return False
 
 
 def _file_check(images_dir: Location) -> Callable[[Location], bool]:
     """Whether an image file exists: one listing of a bucket prefix instead of one request per image."""
     if not storage.is_url(images_dir):
-        return lambda path: Path(path).is_file()
+        return _local_file_exists
     present = storage.files_below(images_dir)
     return lambda path: str(path)[len(str(images_dir)) + 1 :] in present
 

@@ -8,6 +8,10 @@ object that cannot be placed is counted under a named reason with its first exam
   ``class cx cy w h`` line per box, normalised to [0, 1]; class names from ``SRC/classes.txt``
   (one per line) or ``SRC/data.yaml`` (``names:`` as a list or an index mapping). An image
   without a label file has no boxes. Category ids are the class index + 1 (COCO ids start at 1).
+  A split (``split``) is ``SRC/images/SPLIT`` with ``SRC/labels/SPLIT`` (Ultralytics) or
+  ``SRC/SPLIT/images`` with ``SRC/SPLIT/labels`` (Roboflow): one COCO file per split, so that
+  validation images are never trained on; several splits under ``images/`` are merged only when
+  asked (``split="all"``).
 - VOC: ``SRC/Annotations/*.xml`` with ``SRC/JPEGImages/``; 1-based pixel corners
   (``xmin ymin xmax ymax``, inclusive) become ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]``;
   ``difficult`` objects become ``iscrowd: 1``, which training and evaluation ignore, as VOC's
@@ -20,7 +24,7 @@ import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -29,6 +33,7 @@ from retinanet_xla.data.image_io import IMAGE_SUFFIXES, image_size
 from retinanet_xla.errors import DatasetError
 
 SOURCES = ("yolo", "voc")  # and coco, to record shards: data/records.py
+YOLO_SPLITS = ("train", "val", "valid", "test")  # the split directories exporters write
 TOLERANCE = 1e-3  # normalised coordinates this far outside [0, 1] are rounding, and clipped
 
 
@@ -47,13 +52,15 @@ class Conversion(ProblemCounts):
         return out + self.problem_lines("left out, ")
 
 
-def convert(source: str, root: Path, output: Path) -> Conversion:
+def convert(source: str, root: Path, output: Path, split: Optional[str] = None) -> Conversion:
     if source not in SOURCES:
         raise DatasetError(f"--from {source}: expected one of coco, {', '.join(SOURCES)}")
+    if split is not None and source != "yolo":
+        raise DatasetError(f"--split {split}: only --from yolo has splits (convert each VOC year or split directory on its own)")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset directory does not exist")
-    conversion = from_yolo(root) if source == "yolo" else from_voc(root)
+    conversion = from_yolo(root, split) if source == "yolo" else from_voc(root)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(conversion.coco))
     return conversion
@@ -66,9 +73,12 @@ def yolo_class_names(root: Path) -> List[str]:
             raise DatasetError(f"{named}: {named.stat().st_size:,} bytes, more than a list of class names takes")
     if classes.is_file():
         try:
-            return [line.strip() for line in classes.read_text(encoding="utf-8").splitlines() if line.strip()]
+            names = [line.strip() for line in classes.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as error:
             raise DatasetError(f"{classes}: not UTF-8 text (byte {error.start})") from None
+        if not names:
+            raise DatasetError(f"{classes}: names no class (one name per line)")
+        return names
     if data_yaml.is_file():
         try:
             names = (yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}).get("names")
@@ -84,11 +94,41 @@ def yolo_class_names(root: Path) -> List[str]:
     raise DatasetError(f"{root}: no classes.txt or data.yaml naming the YOLO classes")
 
 
-def from_yolo(root: Path) -> Conversion:
+def yolo_splits(root: Path) -> List[str]:
+    """The split directories a YOLO export holds, in either layout."""
+    return [name for name in YOLO_SPLITS if (root / "images" / name).is_dir() or (root / name / "images").is_dir()]
+
+
+def yolo_directories(root: Path, split: Optional[str]) -> Tuple[Path, Path]:
+    """The images and labels directories of ``split`` (None: the whole ``images/``, which must
+    not hold several splits; "all": the whole ``images/``, splits merged)."""
+    if split in (None, "all"):
+        images_dir = root / "images"
+        splits = yolo_splits(root)
+        if split is None and len(splits) > 1:
+            raise DatasetError(
+                f"{root}: holds the splits {', '.join(splits)}: convert each to its own COCO file with --split NAME "
+                "(--split all merges them)"
+            )
+        if not images_dir.is_dir():
+            hint = f" (it has the splits {', '.join(splits)}: --split NAME)" if splits else ""
+            raise DatasetError(f"{images_dir}: YOLO images directory does not exist{hint}")
+        return images_dir, root / "labels"
+    if "/" in split or split in ("", ".", ".."):
+        raise DatasetError(f"--split {split!r}: expected the name of a split directory, such as train or val")
+    for images_dir, labels_dir in (
+        (root / "images" / split, root / "labels" / split),
+        (root / split / "images", root / split / "labels"),
+    ):
+        if images_dir.is_dir():
+            return images_dir, labels_dir
+    found = f"; it has {', '.join(yolo_splits(root))}" if yolo_splits(root) else ""
+    raise DatasetError(f"{root}: no split {split!r} (neither images/{split}/ nor {split}/images/){found}")
+
+
+def from_yolo(root: Path, split: Optional[str] = None) -> Conversion:
     names = yolo_class_names(root)
-    images_dir, labels_dir = root / "images", root / "labels"
-    if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: YOLO images directory does not exist")
+    images_dir, labels_dir = yolo_directories(root, split)
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(names)]
     conversion = Conversion({"images": [], "annotations": [], "categories": categories}, images_dir)
     paths = sorted(p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -165,6 +205,8 @@ def from_voc(root: Path) -> Conversion:
         except OSError as error:  # a directory named *.xml, a file that cannot be read
             conversion.note("annotation file that cannot be read", f"{xml_file.name}: {error.strerror or error}")
     names = sorted({(obj.findtext("name") or "").strip() for _, tree in parsed for obj in tree.iter("object")} - {""})
+    if not names:  # a COCO file needs its categories
+        raise DatasetError(f"{annotations_dir}: no annotation file names an object (<object><name>...</name>)")
     ids = {name: index + 1 for index, name in enumerate(names)}
     conversion.coco["categories"] = [{"id": ids[name], "name": name} for name in names]
     for image_id, (xml_file, tree) in enumerate(parsed, 1):

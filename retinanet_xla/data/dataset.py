@@ -10,11 +10,13 @@ from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping, ImageRecord
 from retinanet_xla.data.image_io import OrientedImage, UnreadableImage, orient_boxes, read_oriented
 from retinanet_xla.data.transforms import Augmentation, letterbox, random_resized_crop
+from retinanet_xla.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
 PADDING_INDEX = -1  # a sampler key for a masked-out slot that fills the last evaluation batch
 Key = Union[int, Tuple[int, int]]  # image index, or (image index, augmentation seed)
+UNREADABLE_IN_A_ROW = 64  # a sample gives up after this many unreadable images: the dataset is broken
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -63,20 +65,27 @@ class DetectionDataset(torch.utils.data.Dataset):
             return self._padding_sample()
         unreadable = 0
         # An unreadable image is replaced by the next readable one: the batch keeps its shape and
-        # the count travels with the batch so the trainer can log it.
-        for attempt in range(len(self.records)):
+        # the count travels with the batch so the trainer can log it. So many in a row that the
+        # dataset (or its directory) is broken, not an image: the run stops and says so.
+        attempts = min(len(self.records), UNREADABLE_IN_A_ROW)
+        for attempt in range(attempts):
             record = self.records[(index + attempt) % len(self.records)]
             data = fetched.get(record.path) if attempt == 0 else None
             try:
                 image = read_oriented(record.path, None if isinstance(data, Exception) else data, self.max_pixels)
             except UnreadableImage as error:
                 logger.warning("skipping unreadable image %s", error)
-                unreadable += 1
+                unreadable, last_error = unreadable + 1, error
                 continue
             sample = self._transform(record, image, np.random.default_rng(seed))
             sample["unreadable"] = np.int64(unreadable)
             return sample
-        raise RuntimeError(f"none of the {len(self.records)} images of the dataset can be read")
+        what = (
+            f"none of the dataset's {attempts} images could be read"
+            if attempts == len(self.records)
+            else f"{attempts} images in a row could not be read"
+        )
+        raise DatasetError(f"{what} (the last: {last_error}); `retinanet-xla data check` names every problem")
 
     def _transform(self, record: ImageRecord, oriented: OrientedImage, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         image, boxes = oriented.image, record.boxes

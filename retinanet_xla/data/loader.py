@@ -116,9 +116,20 @@ class StopSignalsBlockedAtStart(torch.utils.data.DataLoader):
     def __iter__(self):
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
+            batches = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return _dataset_errors_as_raised(batches)
+
+
+def _dataset_errors_as_raised(batches: Iterator) -> Iterator:
+    """torch re-raises a worker's exception with the worker's traceback in its message; a
+    ``DatasetError`` is meant for the user, so it comes back in the one line it was raised with."""
+    try:
+        yield from batches
+    except DatasetError as error:
+        last_line = str(error).rstrip().splitlines()[-1] if str(error).strip() else ""
+        raise DatasetError(last_line.partition("DatasetError: ")[2] or str(error)) from None
 
 
 def build_loader(

@@ -112,7 +112,7 @@ def load_records(prefix: Location, label_mapping: str = "contiguous", min_box_si
     slices = {}
     for image in meta["images"] if isinstance(meta.get("images"), list) else []:
         record = image.get("record") if isinstance(image, dict) else None
-        if not isinstance(record, dict) or record.get("shard") not in shards:
+        if not isinstance(record, dict) or not isinstance(record.get("shard"), str) or record["shard"] not in shards:
             raise DatasetError(
                 f"{meta_path}: image {shown(image.get('id') if isinstance(image, dict) else image)} has no record in a listed shard"
             )
@@ -124,7 +124,8 @@ def load_records(prefix: Location, label_mapping: str = "contiguous", min_box_si
             )
         end = record["offset"] + record["length"]
         needed[record["shard"]] = max(needed.get(record["shard"], 0), end)
-        slices[image["id"]] = ByteRange(shards[record["shard"]], record["offset"], record["length"], record["crc32"])
+        if isinstance(image.get("id"), int):  # any other id is one load_coco names and leaves out
+            slices[image["id"]] = ByteRange(shards[record["shard"]], record["offset"], record["length"], record["crc32"])
     for name, end in needed.items():
         size = storage.size(shards[name]) if storage.is_file(shards[name]) else None
         if size is None:

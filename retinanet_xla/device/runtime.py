@@ -11,6 +11,7 @@ their input, and a runtime that runs each step as it is called.
 """
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
@@ -111,6 +112,17 @@ class ReplicaGroup:
         """Wait on the host until every replica arrives (the master writing a checkpoint)."""
 
 
+def host_memory_bytes(sharers: int = 1, meminfo: Path = Path("/proc/meminfo")) -> Optional[int]:
+    """The host memory available now (Linux's MemAvailable), split between ``sharers``."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // max(sharers, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class Runtime:
     """One replica's device: where the model lives, how its step is compiled and launched, and
     what the loop can ask of it (timings, compilations, a profile)."""
@@ -198,6 +210,16 @@ class Runtime:
     def device_seconds(self) -> Optional[float]:
         """Seconds this device has spent executing so far; None where it is not known."""
         return None
+
+    def memory_bytes(self) -> Optional[int]:
+        """The memory one replica's step may use, where the backend can tell; None otherwise.
+        Here, the host's: what it has available now, shared by this host's replicas."""
+        return host_memory_bytes(self.local_replicas)
+
+    @property
+    def local_replicas(self) -> int:
+        """Replicas of this run on this host (they share its memory and cores)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.replicas.world))
 
     def start_profile(self, log_dir: Path) -> None:
         """Start a trace of host and device activity that TensorBoard's profile tab reads."""

@@ -28,6 +28,7 @@ from retinanet_xla.config import Config, RuntimeConfig
 from retinanet_xla.device.choice import create_runtime, runtime_class
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.errors import STOP_SIGNALS, RunFailed, UserError
+from retinanet_xla.logs import configure_logging
 
 
 class ReplicaFailed(RunFailed):
@@ -59,6 +60,7 @@ def _replica_entry(
 ) -> None:
     """Run one replica. ``agreed_errors`` are raised by every replica at the same step and go
     back to the launcher; anything else ends the whole process at once with a message."""
+    configure_logging()
     runtime = backend.in_spawned_replica(settings, index)
     try:
         function(runtime, *args)

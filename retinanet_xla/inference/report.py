@@ -1,7 +1,8 @@
 """``retinanet-xla report RUN``: the pictures of a run a person would rather look at than read.
 
 ``RUN/report/``: PNG curves from ``metrics.jsonl`` (the loss and its parts, learning rate,
-images/s, AP and AP50 over steps with AP per category), a grid of validation images with the
+images/s, AP and AP50 over steps with AP per category, and what ``eval`` wrote under
+``RUN/eval/``), a grid of validation images with the
 ground truth beside the newest checkpoint's detections, and ``index.html``, one self-contained
 page (the PNGs inlined) that shows them all. The detections are computed on the host CPU
 (eager), so a report never compiles an XLA graph.
@@ -45,7 +46,21 @@ def read_rows(run: Location) -> Tuple[List[Dict], List[Dict]]:
         except ValueError:
             continue  # a line cut off by a kill
         (evaluations if "eval" in row else train).append(row)
-    return train, evaluations
+    # What ``retinanet-xla eval RUN`` wrote (RUN/eval/step_N/metrics.json), for steps training
+    # did not evaluate itself: the final evaluation of a run without periodic ones (make demo).
+    evaluated = {row["step"] for row in evaluations}
+    for metrics_file in (
+        storage.glob(storage.join(run, "eval"), "*/metrics.json") if storage.is_dir(storage.join(run, "eval")) else []
+    ):
+        try:
+            metrics = json.loads(storage.read_text(metrics_file))
+            row = {"step": int(metrics["step"]), "eval": {k: metrics[k] for k in ("AP", "AP50", "AP75", "per_category_AP")}}
+        except (ValueError, KeyError, TypeError):
+            continue  # not one eval wrote
+        if row["step"] not in evaluated:
+            evaluated.add(row["step"])
+            evaluations.append(row)
+    return train, sorted(evaluations, key=lambda row: row["step"])
 
 
 def _figure(title: str, ylabel: str):

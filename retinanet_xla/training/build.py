@@ -11,6 +11,7 @@ from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.models import build_model, set_replica_averaging
 from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
+from retinanet_xla.training.memory import check_step_memory
 from retinanet_xla.training.optimizer import LearningRateSchedule, build_optimizer
 from retinanet_xla.training.step import TrainStep
 
@@ -48,6 +49,7 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     with _INIT_LOCK:
         torch.manual_seed(config.train.seed)
         model = build_model(config)
+    check_step_memory(model, config, runtime)
     if initialize is not None:  # a trained detector's weights (model.init_from), on the host
         initialize(model)
     ema = None

@@ -41,9 +41,10 @@ class MetricsLog:
         _keep_rows_up_to(path, start_step)
         self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.console = console or Console(stderr=True)
-        # In a terminal a live bar; redirected to a file (nohup, a TPU VM job, CI) a bar shows
-        # nothing until the end, so every log step prints one plain line instead.
+        # The run's story goes to stdout (warnings and errors go to stderr): `train ... > log.txt`
+        # keeps it. In a terminal a live bar; redirected to a file (nohup, a TPU VM job, CI) a
+        # bar shows nothing until the end, so every log step prints one plain line instead.
+        self.console = console or Console()
         self.plain = not self.console.is_terminal
         self.total_steps, self.started = total_steps, (start_step, time.monotonic())
         self.progress = Progress(

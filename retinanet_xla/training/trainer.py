@@ -168,7 +168,7 @@ class Trainer:
         restored = [*s.model.state_dict().values(), *s.loss_fn.state_dict().values(), *s.optimizer.state_tensors(), s.step]
         restored += list(s.ema.model.state_dict().values()) if s.ema is not None else []
         self.runtime.prepare_state(restored)  # before the first step
-        logger.warning("resuming from %s (step %d)", path, self.start_step)
+        logger.info("resuming from %s (step %d)", path, self.start_step)
 
     def _save(self, step: int) -> None:
         """The master writes (every replica holds the same weights); the others wait for it

@@ -10,7 +10,7 @@ import socket
 from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from multiprocessing import get_context
-from typing import Callable, Dict, Iterable, Iterator, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,11 +138,17 @@ class CpuRuntime(NativeRuntime):
 class CudaRuntime(NativeRuntime):
     kind = "cuda"
 
+    def memory_bytes(self) -> Optional[int]:
+        return torch.cuda.mem_get_info(self.device)[1]  # the whole device's: our step is its user
+
 
 class TpuRuntime(NativeRuntime):
-    """TorchTPU (``device/native/tpu.py``)."""
+    """TorchTPU (``device/native/tpu.py``): its documented API says nothing of memory."""
 
     kind = "tpu"
+
+    def memory_bytes(self) -> Optional[int]:
+        return None
 
 
 NATIVE_RUNTIMES = {runtime.kind: runtime for runtime in (CpuRuntime, CudaRuntime, TpuRuntime)}

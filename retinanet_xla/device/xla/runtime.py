@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
+from torch import nn
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
 from retinanet_xla.device.runtime import CompiledStep, EveryCall, Runtime, StepProgram
+from retinanet_xla.device.xla.cpu_convolution import use_matmul_convolutions
 from retinanet_xla.device.xla.feed import DeviceFeed
 from retinanet_xla.device.xla.launch_order import launch_order
 from retinanet_xla.device.xla.replay import GraphReplay
@@ -75,7 +77,7 @@ class XlaRuntime(Runtime):
         if settings.num_devices not in (None, world):
             raise ConfigError(f"runtime.num_devices is {settings.num_devices} but {world} XLA device(s) are running")
         prefer_nonblocking_cpu_client()
-        self.step_graph = settings.step_graph
+        self.step_graph, self.xla_cpu_kernels = settings.step_graph, settings.xla_cpu_kernels
         self.replicas = XlaReplicaGroup(self, rank, world, threaded)
         # Replicas that are threads of this process launch each collective graph in rank order.
         self.order = launch_order(world) if threaded and world > 1 else None
@@ -137,6 +139,11 @@ class XlaRuntime(Runtime):
         return cls(settings)
 
     # -- the step -------------------------------------------------------------------------
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        if self.on_cpu and self.xla_cpu_kernels:
+            use_matmul_convolutions(model)  # the CPU client's slow convolutions (cpu_convolution.py)
+        return model.to(self.device)
 
     def compile_step(self, program: StepProgram) -> CompiledStep:
         """``runtime.step_graph: replay``: traced on the first call, its compiled graph replayed
@@ -220,6 +227,17 @@ class XlaRuntime(Runtime):
 
         data = metrics.metric_data("ExecuteTime")
         return (data[1] / 1e9 if data else 0.0) / max(xr.addressable_device_count(), 1)
+
+    def memory_bytes(self) -> Optional[int]:
+        """A chip's memory on a TPU (torch_xla's ``bytes_limit``); the host's on the CPU client."""
+        if self.on_cpu:
+            return super().memory_bytes()
+        import torch_xla.core.xla_model as xm
+
+        try:
+            return int(xm.get_memory_info(self.device)["bytes_limit"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return None
 
     def start_profile(self, log_dir: Path) -> None:
         """torch_xla's profiler (host and device activity)."""
