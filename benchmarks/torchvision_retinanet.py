@@ -1,20 +1,22 @@
 """torchvision's RetinaNet and ours, same backbone / FPN width / head depth / input / batch, on
-the same XLA device, timed over the same number of steps including compilation.
+the same device, timed over the same number of steps including compilation.
 
-torchvision's matcher, loss and post-processing produce data-dependent shapes, so on XLA it
-compiles a new graph nearly every step; ours compiles once. Usage (see `make bench`):
+On XLA, torchvision's matcher, loss and post-processing produce data-dependent shapes, so it
+compiles a new graph nearly every step; ours compiles once. On a native device (``--device
+cpu`` or ``cuda``, in the native environment) torchvision runs eagerly, as a CPU or GPU user
+would run it. Usage (see `make bench`):
 
     PJRT_DEVICE=CPU python benchmarks/torchvision_retinanet.py --config configs/smoke.yaml --steps 3
+    .venv-native/bin/python benchmarks/torchvision_retinanet.py --device cpu --torchvision-only --steps 10 --json tv.json
 """
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch_xla
-import torch_xla.debug.metrics as metrics
 from torchvision.models import resnet
 from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -38,12 +40,28 @@ def torchvision_model(config):
     return TorchvisionRetinaNet(backbone, config.model.num_classes, min_size=size, max_size=size)
 
 
-def time_torchvision(config, steps):
-    device = torch_xla.device()
+def _device(name: str):
+    """The device, how to wait for it, and a count of XLA compilations (None off XLA)."""
+    if name == "xla":
+        import torch_xla
+        import torch_xla.debug.metrics as metrics
+
+        def wait() -> None:
+            torch_xla.sync()
+            torch_xla.core.xla_model.wait_device_ops()
+
+        return torch_xla.device(), wait, lambda: (metrics.metric_data("CompileTime") or [0])[0]
+    device = torch.device(name)
+    return device, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), lambda: None
+
+
+def time_torchvision(config, steps, device_name="xla"):
+    device, wait, compilations = _device(device_name)
+    torch.manual_seed(0)
     model = torchvision_model(config).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batches = synthetic_batches(config, config.train.batch_size)
-    start_count = (metrics.metric_data("CompileTime") or [0])[0]
+    start_count = compilations()
     times = []
     start = time.perf_counter()
     for step in range(steps):
@@ -58,47 +76,49 @@ def time_torchvision(config, steps):
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-        torch_xla.sync()
-        torch_xla.core.xla_model.wait_device_ops()
+        wait()
         times.append(time.perf_counter() - tick)
-        print(f"torchvision step {step + 1}: {times[-1]:.1f} s", flush=True)
+        print(f"torchvision step {step + 1}: {times[-1]:.2f} s", flush=True)
+    after_first = times[1:] or times
     return {
+        "device": device_name,
         "steps": steps,
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "step_seconds": [round(t, 2) for t in times],
-        "compilations": (metrics.metric_data("CompileTime") or [0])[0] - start_count,
+        "step_seconds": [round(t, 3) for t in times],
+        "median_step_seconds_after_first": round(statistics.median(after_first), 4),
+        "images_per_second": round(config.train.batch_size / statistics.median(after_first), 3),
+        "compilations": None if start_count is None else compilations() - start_count,
     }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/smoke.yaml"))
-    parser.add_argument("--steps", type=int, default=3, help="torchvision steps (each ~1-2 min on a 2-core CPU)")
+    parser.add_argument("--device", default="xla", help="xla (PJRT_DEVICE set), cpu or cuda")
+    parser.add_argument("--steps", type=int, default=3, help="torchvision steps (on XLA each ~1-2 min on a 2-core CPU)")
     parser.add_argument("--ours-steps", type=int, default=20)
+    parser.add_argument("--torchvision-only", action="store_true", help="time torchvision's model alone")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a config override, as for bench")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     config = load_config(
-        args.config, [f"model.head.convs={TORCHVISION_HEAD_CONVS}", "runtime.device=xla", "train.precision=fp32"]
+        args.config,
+        [*args.overrides, f"model.head.convs={TORCHVISION_HEAD_CONVS}", f"runtime.device={args.device}", "train.precision=fp32"],
     )
-
-    ours = benchmark(config, args.ours_steps)
-    ours_wall = ours["first_step_seconds"] + ours["step_seconds"] * (args.ours_steps - 1)
-    theirs = time_torchvision(config, args.steps)
-    theirs_per_step = theirs["wall_seconds"] / args.steps
-    result = {
-        "config": str(args.config),
-        "image_size": ours["image_size"],
-        "batch_size": ours["batch_size"],
-        "head_convs": TORCHVISION_HEAD_CONVS,
-        "ours": {**ours, "wall_seconds_for_steps": round(ours_wall, 2)},
-        "torchvision": theirs,
-        "ratio_at_equal_steps": round(theirs_per_step * args.ours_steps / ours_wall, 1),
-    }
-    print(
-        f"ours: {args.ours_steps} steps in {ours_wall:.1f} s ({ours['compilations_total']} compilations); "
-        f"torchvision: {theirs_per_step:.1f} s per step ({theirs['compilations']} compilations in {args.steps} steps); "
-        f"{args.ours_steps} torchvision steps would take {result['ratio_at_equal_steps']}x longer"
-    )
+    theirs = time_torchvision(config, args.steps, args.device)
+    result = {"config": str(args.config), "image_size": list(config.data.image_size), "batch_size": config.train.batch_size}
+    result.update(head_convs=TORCHVISION_HEAD_CONVS, torchvision=theirs)
+    if not args.torchvision_only:
+        ours = benchmark(config, args.ours_steps)
+        ours_wall = ours["first_step_seconds"] + ours["step_seconds"] * (args.ours_steps - 1)
+        theirs_per_step = theirs["wall_seconds"] / args.steps
+        result["ours"] = {**ours, "wall_seconds_for_steps": round(ours_wall, 2)}
+        result["ratio_at_equal_steps"] = round(theirs_per_step * args.ours_steps / ours_wall, 1)
+        print(
+            f"ours: {args.ours_steps} steps in {ours_wall:.1f} s ({ours['compilations_total']} compilations); "
+            f"torchvision: {theirs_per_step:.1f} s per step ({theirs['compilations']} compilations in {args.steps} steps); "
+            f"{args.ours_steps} torchvision steps would take {result['ratio_at_equal_steps']}x longer"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -78,7 +78,8 @@ def train(
     if overwrite and resume:
         raise ConfigError("--overwrite starts over: it goes with --no-resume")
     summary = run_training(settings, storage.location(output or settings.train.output_dir), resume, overwrite)
-    typer.echo(json.dumps(summary, indent=2))
+    if summary is not None:  # None: a torchrun process other than the master
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
@@ -104,6 +105,8 @@ def bench(
 
     settings = load_config(config, _with_devices(overrides, devices))
     result = benchmark(settings, steps, input_pipeline, trace_only)
+    if result is None:  # a torchrun process other than the master
+        return
     if trace_only:
         typer.echo(
             f"{result['device']} x {result['replicas']} replica(s): tracing the step takes {result['trace_seconds'] * 1000:.1f} "
@@ -147,6 +150,8 @@ def evaluate(
     if (data is None) != (images is None):
         raise ConfigError("--data and --images go together")
     metrics, output_dir = evaluate_checkpoint(checkpoint, _with_devices(overrides, devices), data, images, output)
+    if metrics is None:  # a torchrun process other than the master
+        return
     for line in metrics["summary"]:
         typer.echo(line)
     table = Table("category", "AP", title="AP per category")

@@ -66,8 +66,25 @@ _CONNECTION_ERRORS = frozenset(("ClientConnectionError", "ServerTimeoutError", "
 
 # gcsfs sets no timeout on its requests: a server that accepts a connection and never answers
 # held `train --output gs://...` silent for 7 minutes, until killed. Per-read limits, not a total,
-# so that a large checkpoint's transfer may take as long as it needs while bytes flow.
-GCS_OPTIONS = {"sock_connect": 20.0, "sock_read": 60.0}
+# so that a large checkpoint's transfer may take as long as it needs while bytes flow. With
+# gcsfs's six tries (waiting 1, 2, 4, 8 and 16 s between them) a silent server ends a command
+# within 6 x 30 + 31 s, about 3.5 minutes. Set from the environment, not the config: the config
+# itself may be in the bucket (docs/storage.md, "Time limits").
+TIME_LIMITS = {"sock_connect": ("RETINANET_GCS_CONNECT_TIMEOUT", 20.0), "sock_read": ("RETINANET_GCS_READ_TIMEOUT", 30.0)}
+
+
+def gcs_time_limits(environ=os.environ) -> Dict[str, float]:
+    """aiohttp's per-request limits, in seconds: the defaults, or the environment's."""
+    limits = {}
+    for option, (variable, default) in TIME_LIMITS.items():
+        text = environ.get(variable)
+        try:
+            limits[option] = float(text) if text is not None else default
+        except ValueError:
+            raise StorageError(f"{variable}={text!r}: expected a number of seconds") from None
+        if not 0 < limits[option] < float("inf"):
+            raise StorageError(f"{variable}={text!r}: expected a positive number of seconds")
+    return limits
 
 
 def _status(error: BaseException) -> Optional[int]:
@@ -128,7 +145,7 @@ def _filesystem(url: str):
         if scheme in ("gs", "gcs"):
             import aiohttp
 
-            return fsspec.filesystem(scheme, requests_timeout=aiohttp.ClientTimeout(total=None, **GCS_OPTIONS))
+            return fsspec.filesystem(scheme, requests_timeout=aiohttp.ClientTimeout(total=None, **gcs_time_limits()))
         return fsspec.filesystem(scheme)
     except ValueError:
         raise StorageError(

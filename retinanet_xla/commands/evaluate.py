@@ -53,7 +53,7 @@ def evaluate_checkpoint(
     storage.require_writable(output_dir)  # before the evaluation, not after it
     del payload  # each replica loads its own copy
     metrics = run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config)
-    if output is None and annotations is None:  # the run's own split, in the run: its report shows it
+    if metrics is not None and output is None and annotations is None:  # the run's split, in the run: its report shows it
         _refresh_report(run_of(checkpoint))
     return metrics, output_dir
 
@@ -84,6 +84,7 @@ def _evaluate_replica(runtime: Runtime, checkpoint: Location, overrides: Sequenc
         "weights": "ema" if loaded.uses_weight_average else "model",
         "images": len(coco.records),
         "replicas": runtime.replicas.world,
+        "compilations": runtime.compilations(),  # graphs compiled by this evaluation's process
         "summary": result["summary"],
     }
     storage.write_text(storage.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")

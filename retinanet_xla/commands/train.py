@@ -64,6 +64,8 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
             summary = run_on_local_replicas(
                 _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
             )
+    if summary is None:  # another process of a torchrun run: its master reports
+        return None
     summary["report"] = _report(output_dir)
     return summary
 

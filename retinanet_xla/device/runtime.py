@@ -170,6 +170,11 @@ class Runtime:
         """The training step as this backend runs it; ``__call__`` launches one step."""
         return EveryCall(program)
 
+    def compile_inference(self, module: nn.Module) -> Callable:
+        """``module``'s forward (a detector's device half: static shapes, no gradients) as this
+        backend runs it. Here, as it is: a lazy backend traces it into a graph anyway."""
+        return module
+
     def prepare_state(self, tensors: Iterable[Tensor]) -> None:
         """Make freshly loaded state ready for step 1 (built or restored weights, buffers)."""
 

@@ -38,11 +38,15 @@ class ReplicaFailed(RunFailed):
 def run_on_local_replicas(function: Callable[..., Any], args: tuple, config: Config, agreed_errors: tuple = ()) -> Any:
     """``function(runtime, *args)`` on every local replica (``runtime.device``,
     ``runtime.num_devices``), in this process when there is one; returns what the master's
-    call returned (through a JSON file when the replicas run in a child process). Callers check
-    what must hold for every replica (batch sizes) and write shared data before calling."""
+    call returned (through a JSON file when the replicas run in a child process), and None in
+    the other processes of a run started by ``torchrun`` (one replica each): only the master
+    reports. Callers check what must hold for every replica (batch sizes) and write shared data
+    before calling."""
     backend = runtime_class(config.runtime.device)
     if backend.local_replica_count(config.runtime) == 1:
-        return function(create_runtime(config.runtime), *args)
+        runtime = create_runtime(config.runtime)
+        value = function(runtime, *args)
+        return value if runtime.replicas.is_master else None
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
         result = Path(scratch) / "master.json"
         launch(backend, config.runtime, _return_from_master, (function, args, result), agreed_errors)

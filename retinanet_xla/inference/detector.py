@@ -65,6 +65,7 @@ class Detector:
         self.candidates = CandidateDetector(
             model, image_size, box_coder, config.eval.pre_nms_top_k, uint8_input, lambda: runtime.autocast(precision)
         ).to(runtime.device)
+        self._run_candidates = runtime.compile_inference(self.candidates)
 
     @torch.no_grad()
     def __call__(
@@ -76,7 +77,7 @@ class Detector:
         was_training = model.training
         model.eval()
         try:
-            found = self.candidates(images, content_sizes)
+            found = self._run_candidates(images, content_sizes)
             self.runtime.end_step(collective=False)  # an evaluation batch holds no collective
         finally:
             model.train(was_training)

@@ -100,3 +100,6 @@ def test_the_same_command_under_torchrun_joins_its_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["replicas"] == 2 and bench["device"] == "cpu"
+    # One summary, the master's: the other process reports nothing.
+    summaries = [line for line in result.stdout.splitlines() if " replica(s): first step " in line]
+    assert len(summaries) == 1 and summaries[0].startswith("cpu x 2 replica(s)"), result.stdout

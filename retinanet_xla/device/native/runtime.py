@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
@@ -118,6 +119,12 @@ class NativeRuntime(Runtime):
     def compile_step(self, program: StepProgram) -> CompiledStep:
         """``runtime.compile``: the whole step as one ``torch.compile`` graph, else eager."""
         return CompiledProgram(program, self.platform.compile_backend) if self.compiled else EveryCall(program)
+
+    def compile_inference(self, module: nn.Module) -> Callable:
+        """One ``torch.compile`` graph where the step is compiled (``runtime.compile``), else eager."""
+        if not self.compiled:
+            return module
+        return torch.compile(module, backend=self.platform.compile_backend, fullgraph=True, dynamic=False)
 
     def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]], host_keys: Sequence[str] = ()) -> TimedBatches:
         return TimedBatches(_on_device(batches, self.device, frozenset(host_keys)))
