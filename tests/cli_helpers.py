@@ -43,6 +43,11 @@ TINY = [
 ]
 
 
+def set_options(overrides) -> list:
+    """``["--set", o1, "--set", o2, ...]``."""
+    return [item for override in overrides for item in ("--set", override)]
+
+
 def train_command(output, *overrides: str):
     """``retinanet-xla train configs/smoke.yaml --output OUTPUT`` with TINY and ``overrides``."""
     args = [str(SCRIPT), "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(output)]

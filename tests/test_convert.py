@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.cli_helpers import ROOT, run_cli
+from tests.cli_helpers import ROOT, run_cli, set_options
 
 
 def picture(path, width, height):
@@ -178,7 +178,7 @@ def test_yolo_train_and_val_splits_become_two_coco_files_that_train_and_evaluate
         ROOT / "configs" / "smoke.yaml",
         "--output",
         run,
-        *[a for s in settings for a in ("--set", s)],
+        *set_options(settings),
     )
     assert trained.exit_code == 0, trained.stderr[-3000:]
     evaluated = run_cli(capsys, monkeypatch, "eval", run, "--set", "runtime.device=cpu")

@@ -15,7 +15,7 @@ from retinanet_xla.data.check import check_dataset
 from retinanet_xla.data.dataset import UNREADABLE_IN_A_ROW
 from retinanet_xla.data.image_io import read_rgb
 from retinanet_xla.errors import DatasetError
-from tests.cli_helpers import ROOT, run_cli
+from tests.cli_helpers import ROOT, run_cli, set_options
 from tests.coco_files import box, image, write_coco
 
 
@@ -76,7 +76,7 @@ def test_a_dataset_whose_images_all_fail_to_decode_stops_the_run_in_one_line(tmp
         ROOT / "configs" / "smoke.yaml",
         "--output",
         output,
-        *sum((["--set", o] for o in overrides), []),
+        *set_options(overrides),
     )
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(

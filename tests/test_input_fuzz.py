@@ -57,6 +57,17 @@ def assert_trainable(annotations, images) -> None:
     assert check_dataset(str(annotations), str(images), decode=False).lines()
 
 
+def converts_cleanly_or_in_one_line(source: str, root) -> None:
+    output = root / "out.json"
+    try:
+        conversion = convert(source, root, output)
+    except DatasetError as error:
+        one_line(error, root)
+        return
+    assert conversion.lines(output)
+    assert_trainable(output, conversion.images_dir)
+
+
 def picture(path, width=40, height=30):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), (120, 60, 30)).save(path)
@@ -108,14 +119,7 @@ def test_yolo_exports_convert_cleanly_or_fail_in_one_line(tmp_path_factory, yolo
     for name, lines in zip(("a", "b", "c"), labels):
         (root / "labels" / f"{name}.txt").write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
     (root / class_list[0]).write_bytes(class_list[1])
-    output = root / "out.json"
-    try:
-        conversion = convert("yolo", root, output)
-    except DatasetError as error:
-        one_line(error, root)
-        return
-    assert conversion.lines(output)
-    assert_trainable(output, conversion.images_dir)
+    converts_cleanly_or_in_one_line("yolo", root)
 
 
 # --- Pascal VOC ---------------------------------------------------------------------------
@@ -149,14 +153,7 @@ def test_voc_annotations_convert_cleanly_or_fail_in_one_line(tmp_path_factory, y
     (root / "Annotations").mkdir()
     for number, data in enumerate(files):
         (root / "Annotations" / f"{number}.xml").write_bytes(data)
-    output = root / "out.json"
-    try:
-        conversion = convert("voc", root, output)
-    except DatasetError as error:
-        one_line(error, root)
-        return
-    assert conversion.lines(output)
-    assert_trainable(output, conversion.images_dir)
+    converts_cleanly_or_in_one_line("voc", root)
 
 
 # --- record indexes -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from retinanet_xla.config import load_config
 from retinanet_xla.device.runtime import host_memory_bytes
 from retinanet_xla.models import build_model
 from retinanet_xla.training.memory import activation_bytes
-from tests.cli_helpers import ROOT, TINY, run_cli
+from tests.cli_helpers import ROOT, TINY, run_cli, set_options
 
 
 def test_the_meta_count_is_the_real_forward_pass_convolution_outputs():
@@ -43,7 +43,7 @@ def test_an_input_too_large_for_the_machine_is_refused_before_the_first_step(tmp
         ROOT / "configs" / "smoke.yaml",
         "--output",
         tmp_path / "run",
-        *[a for o in overrides for a in ("--set", o)],
+        *set_options(overrides),
     )
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]

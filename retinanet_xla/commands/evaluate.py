@@ -2,7 +2,6 @@
 replica per local device (``runtime.num_devices``), like ``train``."""
 
 import json
-import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 from retinanet_xla import storage
@@ -11,14 +10,12 @@ from retinanet_xla.data.splits import dataset_split
 from retinanet_xla.device.choice import local_replica_count
 from retinanet_xla.device.runtime import Runtime, split_batch
 from retinanet_xla.distributed.launch import run_on_local_replicas
-from retinanet_xla.errors import ConfigError, UserError
+from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.evaluator import Evaluator, default_eval_dir
 from retinanet_xla.inference.loading import inference_config, load_for_inference
-from retinanet_xla.inference.report import write_report
+from retinanet_xla.inference.report import write_report_or_warn
 from retinanet_xla.rundir.directory import local_run_files, open_checkpoint, run_of
 from retinanet_xla.storage import Location
-
-logger = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(
@@ -53,20 +50,16 @@ def evaluate_checkpoint(
     storage.require_writable(output_dir)  # before the evaluation, not after it
     del payload  # each replica loads its own copy
     metrics = run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config)
-    if metrics is not None and output is None and annotations is None:  # the run's split, in the run: its report shows it
-        _refresh_report(run_of(checkpoint))
+    run = run_of(checkpoint)
+    # The run's own split, written in the run: the report train drew shows this evaluation too.
+    if (
+        metrics is not None
+        and output is None
+        and annotations is None
+        and storage.is_file(storage.join(run, "report", "index.html"))
+    ):
+        write_report_or_warn(run)
     return metrics, output_dir
-
-
-def _refresh_report(run: Location) -> None:
-    """The run's report with this evaluation in it, where the run has one (train wrote it); one
-    that cannot be redrawn is a warning: the metrics are written."""
-    if not storage.is_file(storage.join(run, "report", "index.html")):
-        return
-    try:
-        write_report(run)
-    except (UserError, OSError) as error:
-        logger.warning("could not update the report: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def _evaluate_replica(runtime: Runtime, checkpoint: Location, overrides: Sequence[str], output_dir: Location) -> Optional[Dict]:

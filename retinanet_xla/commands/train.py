@@ -11,8 +11,8 @@ from retinanet_xla.device.choice import local_replica_count
 from retinanet_xla.device.runtime import Runtime, split_batch
 from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
-from retinanet_xla.errors import ConfigError, UserError
-from retinanet_xla.inference.report import write_report
+from retinanet_xla.errors import ConfigError
+from retinanet_xla.inference.report import write_report_or_warn
 from retinanet_xla.rundir.directory import BEST, CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
 from retinanet_xla.storage import Location, StagedDirectory
@@ -66,19 +66,8 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
             )
     if summary is None:  # another process of a torchrun run: its master reports
         return None
-    summary["report"] = _report(output_dir)
+    summary["report"] = write_report_or_warn(output_dir)
     return summary
-
-
-def _report(output_dir: Location) -> Optional[str]:
-    """``retinanet-xla report`` of the finished run; a report that cannot be drawn is a warning,
-    not a failed run (the checkpoints and logs are what matter)."""
-    try:
-        page = write_report(output_dir)
-    except (UserError, OSError, RuntimeError, ValueError) as error:
-        logger.warning("could not write the report: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return None
-    return str(page)
 
 
 # What a run writes into its output directory (the synthetic dataset stays: it is data).

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +30,8 @@ from retinanet_xla.inference.loading import load_for_inference  # noqa: E402
 from retinanet_xla.inference.predict import detect, draw, ground_truth_boxes  # noqa: E402
 from retinanet_xla.rundir.directory import local_run_files  # noqa: E402
 from retinanet_xla.storage import Location  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 GRID_IMAGES = 8
 TILE = 256  # pixels of the longer side of each picture in the grid
@@ -213,3 +216,13 @@ def write_report(run: Location, score_threshold: float = 0.3) -> Location:
             (local / name).write_bytes(data)
         (local / "index.html").write_text(page(run, pictures, summary, evaluations, note))
     return storage.join(target, "index.html")
+
+
+def write_report_or_warn(run: Location) -> Optional[str]:
+    """``write_report`` for a command that has done its real work (trained, evaluated): a report
+    that cannot be drawn is a warning, not a failure; the page's location, or None."""
+    try:
+        return str(write_report(run))
+    except (UserError, OSError, RuntimeError, ValueError) as error:
+        logger.warning("could not write the report: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
