@@ -137,3 +137,49 @@ def _bytes_file(data: bytes, tmp_path: Path) -> Path:
     path = tmp_path / f"copy-{len(list(tmp_path.glob('copy-*')))}.pt"
     path.write_bytes(data)
     return path
+
+
+def test_a_storage_outage_mid_run_exits_75_and_the_same_command_resumes_to_the_same_weights(gcs, bucket_data, tmp_path):
+    """The storage front end goes away after the first checkpoint (every connection closed, new
+    ones refused): not the user's mistake, so exit 75 in one line; once it is back, the same
+    command resumes and ends with the weights of a run that never saw the outage."""
+    from tests.gcs_server import OutageProxy
+
+    bucket, data = bucket_data
+    fs = gcs.filesystem()
+    proxy = OutageProxy(gcs.port)
+    run_url = f"{bucket}/runs/outage"
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "XDG_CACHE_HOME": str(tmp_path / "cache"), **gcs.env}
+    env["STORAGE_EMULATOR_HOST"] = proxy.url
+    args = train_args(f"{bucket}/configs/run.yaml", run_url, data)
+    try:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_for_object(fs, f"{run_url}/checkpoints/step_{N:08d}.pt", process)
+        proxy.go_down()
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 75, stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert (
+            stderr.strip()
+            .splitlines()[-1]
+            .endswith("the storage service is unavailable; run the same command again once it is back")
+        ), stderr[-3000:]
+        proxy.come_back()
+        resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        proxy.close()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(fs.cat_file(f"{run_url}/summary.json"))
+    assert summary["resumed_from_step"] == N, summary
+
+    reference = tmp_path / "no-outage"  # the same run, into a local directory, uninterrupted
+    local_env = {**env, "STORAGE_EMULATOR_HOST": gcs.env["STORAGE_EMULATOR_HOST"]}
+    whole = subprocess.run(
+        train_args(f"{bucket}/configs/run.yaml", str(reference), data), capture_output=True, text=True, timeout=600, env=local_env
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    final = f"step_{2 * N:08d}.pt"
+    after_outage = load_checkpoint(_local_copy(fs, f"{run_url}/checkpoints/{final}", tmp_path))
+    uninterrupted = load_checkpoint(reference / "checkpoints" / final)
+    for name, tensor in uninterrupted["model"].items():
+        torch.testing.assert_close(after_outage["model"][name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -66,7 +66,7 @@ def test_two_replicas_train_through_the_cli(two_replicas):
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "eval" not in line] == [1, 2, 3]
     assert [line["step"] for line in lines if "eval" in line] == [3]
-    assert result.stderr.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
+    assert result.stdout.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
     assert len(list((output / "tensorboard").glob("events.*"))) == 1
 
 

@@ -4,8 +4,10 @@ one-line errors for what can go wrong with them, through the real CLI."""
 import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,63 @@ def test_an_output_that_cannot_be_written_is_named_before_any_work(gcs, tmp_path
         storage.require_writable("gs://no-such-bucket/eval")
     storage.require_writable(tmp_path / "new" / "eval")
     assert (tmp_path / "new" / "eval").is_dir() and not list((tmp_path / "new" / "eval").iterdir())
+
+
+def test_a_storage_server_that_never_answers_ends_the_run_with_exit_75_within_the_time_limit(tmp_path):
+    """A server that accepts connections and then says nothing: each request gives up after
+    RETINANET_GCS_READ_TIMEOUT, and the run ends as for any outage instead of waiting forever."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in iter(int, 1)], daemon=True).start()
+    env = {
+        **os.environ,
+        **GCS_ENV,
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "RETINANET_GCS_READ_TIMEOUT": "1",
+    }
+    try:
+        result = subprocess.run(
+            [
+                str(SCRIPT),
+                "train",
+                str(ROOT / "configs" / "smoke.yaml"),
+                "--output",
+                "gs://silent/run",
+                "--set",
+                "runtime.device=cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        silent.close()
+    assert held, "the run never reached the server"
+    assert result.returncode == 75, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: gs://silent") and last.endswith(
+        "the storage service is unavailable; run the same command again once it is back"
+    ), last
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "value, limit, message",
+    [
+        (None, 30.0, None),
+        ("2.5", 2.5, None),
+        ("soon", None, "RETINANET_GCS_READ_TIMEOUT='soon': expected a number of seconds"),
+        ("0", None, "RETINANET_GCS_READ_TIMEOUT='0': expected a positive number of seconds"),
+        ("inf", None, "RETINANET_GCS_READ_TIMEOUT='inf': expected a positive number of seconds"),
+    ],
+)
+def test_the_storage_time_limits_come_from_the_environment(value, limit, message):
+    environ = {} if value is None else {"RETINANET_GCS_READ_TIMEOUT": value}
+    if message is None:
+        assert storage.gcs_time_limits(environ) == {"sock_connect": 20.0, "sock_read": limit}
+    else:
+        with pytest.raises(storage.StorageError) as error:
+            storage.gcs_time_limits(environ)
+        assert str(error.value) == message
