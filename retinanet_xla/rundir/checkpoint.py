@@ -96,6 +96,10 @@ def save_checkpoint(path: Location, payload: Dict[str, Any]) -> None:
         if not getattr(error, "strerror", None) and free is not None and free < FULL_DISK_BYTES:
             reason = f"no space left on device: {free / 2**20:.1f} MiB free"
         raise RunFailed(f"{path}: could not write the checkpoint ({reason}); the checkpoints before it are intact") from None
+    except storage.StorageUnavailable as error:  # an outage: exit 75, and the rerun resumes
+        raise storage.StorageUnavailable(
+            f"could not write the checkpoint: {error}; the checkpoints before it are intact"
+        ) from None
     except storage.StorageError as error:
         raise RunFailed(f"could not write the checkpoint: {error}; the checkpoints before it are intact") from None
 

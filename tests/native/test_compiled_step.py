@@ -51,3 +51,39 @@ def test_the_compiled_step_follows_the_eager_step(runs):
     for step in compiled:
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=LOSS_TOLERANCE), step
         assert compiled[step]["lr"] == eager[step]["lr"], step
+
+
+@pytest.mark.parametrize("runs", ["sgd"], indirect=True)
+def test_compiled_evaluation_finds_the_eager_detections_with_one_graph(runs, tmp_path):
+    """``runtime.compile`` compiles evaluation's forward pass too: one graph for every batch
+    (the last one padded to the same shape), and the detections of the eager forward pass."""
+    outputs = {}
+    for compiled in ("true", "false"):
+        output = tmp_path / f"compile_{compiled}"
+        result = cli(
+            "eval",
+            runs["true"],
+            "--output",
+            output,
+            "--set",
+            "runtime.device=cpu",
+            "--set",
+            f"runtime.compile={compiled}",
+            "--set",
+            "eval.score_threshold=0.001",  # 4 steps from the prior leave every score near 0.01
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        outputs[compiled] = output
+    compiled, eager = (json.loads((outputs[c] / "metrics.json").read_text()) for c in ("true", "false"))
+    assert compiled["compilations"]["count"] == 1 and compiled["compilations"]["graph_breaks"] == 0
+    assert eager["compilations"]["count"] == 0
+    assert compiled["AP"] == pytest.approx(eager["AP"], abs=1e-3)
+    found = {c: json.loads((outputs[c] / "detections.json").read_text()) for c in ("true", "false")}
+    assert len(found["true"]) == len(found["false"]) > 0
+    for detection in found["true"]:  # each compiled detection is an eager one, to float32 fusion noise
+        assert any(
+            (other["image_id"], other["category_id"]) == (detection["image_id"], detection["category_id"])
+            and abs(other["score"] - detection["score"]) < 1e-3
+            and max(abs(x - y) for x, y in zip(other["bbox"], detection["bbox"])) < 0.05
+            for other in found["false"]
+        ), detection
