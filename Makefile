@@ -93,6 +93,7 @@ bench: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/retinanet-xla train configs/smoke.yaml --output runs/bench/train-with-eval --set train.steps=60 --set train.eval_every=30 --set train.log_every=20 > /dev/null
 	cp runs/bench/train-with-eval/summary.json runs/bench/train-with-eval.json
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/optimizers_xla.py --json runs/bench/optimizers-xla.json
+	$(BIN)/python benchmarks/startup.py --json runs/bench/startup.json
 
 # Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 # The step on every backend of this machine, in alternating pairs: XLA:CPU, native eager, native
