@@ -13,11 +13,12 @@ def small_model():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("nesterov,decay_norm_and_bias", [(True, True), (False, False)])
-def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias):
+def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias, in_place):
     ours_model, reference_model = small_model(), small_model()
     config = OptimizerConfig(momentum=0.9, nesterov=nesterov, weight_decay=0.01, weight_decay_norm_and_bias=decay_norm_and_bias)
-    ours = SGD(parameter_groups(ours_model, decay_norm_and_bias), config)
+    ours = SGD(parameter_groups(ours_model, decay_norm_and_bias), config, in_place=in_place)
     groups = parameter_groups(reference_model, decay_norm_and_bias)
     reference = torch.optim.SGD(
         [{"params": groups["decay"], "weight_decay": 0.01}, {"params": groups["no_decay"], "weight_decay": 0.0}],
@@ -34,6 +35,24 @@ def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias):
         reference.step()
     for a, b in zip(ours_model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_sgd_in_place_is_the_traced_update_bit_for_bit():
+    """The eager (in-place) and the traced (out-of-place, copied) updates are the same
+    operations in the same order: a resume across backends continues the same run."""
+    models = {in_place: small_model() for in_place in (False, True)}
+    config = OptimizerConfig(momentum=0.9, weight_decay=0.01)
+    optimizers = {in_place: SGD(parameter_groups(m, True), config, in_place=in_place) for in_place, m in models.items()}
+    for step in range(3):
+        x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for in_place, model in models.items():
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizers[in_place].step(torch.tensor(0.05 * (step + 1)), [p.grad for p in optimizers[in_place].params])
+    for a, b in zip(models[False].parameters(), models[True].parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizers[False].momentum_buffers, optimizers[True].momentum_buffers):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("decay_norm_and_bias", [True, False])

@@ -65,7 +65,7 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     loss_fn.average_across_replicas = replicas.mean
     set_replica_averaging(model, replicas.differentiable_mean, replicas.world)
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
-    optimizer = build_optimizer(model, config.train.optimizer)
+    optimizer = build_optimizer(model, config.train.optimizer, in_place=not runtime.lazy)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
     step = TrainStep(
         model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema

@@ -65,8 +65,8 @@ class Optimizer:
 
     name = ""
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
-        self.config = config
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
+        self.config, self.in_place = config, in_place
         self.params: List[nn.Parameter] = list(groups["decay"]) + list(groups["no_decay"])
         self.decay_flags = [True] * len(groups["decay"]) + [False] * len(groups["no_decay"])
 
@@ -111,8 +111,8 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
-        super().__init__(groups, config)
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
+        super().__init__(groups, config, in_place)
         self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
 
     def state(self) -> Dict[str, List[Tensor]]:
@@ -122,9 +122,12 @@ class SGD(Optimizer):
     def step(self, lr: Tensor, gradients: Sequence[Optional[Tensor]]) -> None:
         """One update of every parameter that has a gradient (``gradients``, in the order of
         ``params``; None where a parameter got none), in ``_foreach`` ops that trace each
-        operation once for all parameters, and out of place, then copied: on XLA an in-place
-        binary op checks its broadcast in Python, per tensor. Per-parameter in-place ops took
-        45 ms per step of host time on CPU XLA for a ResNet-18 RetinaNet, half of all tracing."""
+        operation once for all parameters. Where the step is traced (XLA) out of place, then
+        copied: there an in-place binary op checks its broadcast in Python, per tensor, and
+        per-parameter in-place ops took 45 ms per step of host time on CPU XLA for a ResNet-18
+        RetinaNet, half of all tracing. Elsewhere (``in_place``) in place: eager on the CPU each
+        out-of-place result is a fresh allocation whose pages the kernel faults in anew
+        (docs/performance.md, "Native eager: the update in place")."""
         momentum, nesterov, weight_decay = self.config.momentum, self.config.nesterov, self.config.weight_decay
         active = self._with_gradients(gradients)
         if not active:
@@ -133,15 +136,24 @@ class SGD(Optimizer):
         gradients = [gradients[k] for k in active]
         if weight_decay:
             decayed = [i for i, k in enumerate(active) if self.decay_flags[k]]
-            if decayed:
+            if decayed and self.in_place:  # the step's own gradients: nothing else reads them after
+                torch._foreach_add_([gradients[i] for i in decayed], [params[i] for i in decayed], alpha=weight_decay)
+            elif decayed:
                 with_decay = torch._foreach_add([gradients[i] for i in decayed], [params[i] for i in decayed], alpha=weight_decay)
                 for i, gradient in zip(decayed, with_decay):
                     gradients[i] = gradient
         if momentum:
             buffers = [self.momentum_buffers[k] for k in active]
-            torch._foreach_copy_(buffers, torch._foreach_add(torch._foreach_mul(buffers, momentum), gradients))
+            if self.in_place:
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, gradients)
+            else:
+                torch._foreach_copy_(buffers, torch._foreach_add(torch._foreach_mul(buffers, momentum), gradients))
             gradients = torch._foreach_add(gradients, buffers, alpha=momentum) if nesterov else buffers
-        torch._foreach_copy_(params, torch._foreach_sub(params, torch._foreach_mul(gradients, lr)))
+        if self.in_place:
+            torch._foreach_sub_(params, torch._foreach_mul(gradients, lr))
+        else:
+            torch._foreach_copy_(params, torch._foreach_sub(params, torch._foreach_mul(gradients, lr)))
 
 
 class AdamW(Optimizer):
@@ -156,8 +168,8 @@ class AdamW(Optimizer):
 
     name = "adamw"
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig):
-        super().__init__(groups, config)
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
+        super().__init__(groups, config, in_place)  # torch.optim's functional form is in place already
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # One count per parameter, as torch.optim keeps it (a parameter without a gradient
@@ -204,6 +216,7 @@ class AdamW(Optimizer):
 OPTIMIZERS = {optimizer.name: optimizer for optimizer in (SGD, AdamW)}
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> Optimizer:
-    """``train.optimizer.name``'s optimizer over the model's trainable parameters."""
-    return OPTIMIZERS[config.name](parameter_groups(model, config.weight_decay_norm_and_bias), config)
+def build_optimizer(model: nn.Module, config: OptimizerConfig, in_place: bool = False) -> Optimizer:
+    """``train.optimizer.name``'s optimizer over the model's trainable parameters; ``in_place``
+    where the step is not traced op by op (SGD.step says why it matters)."""
+    return OPTIMIZERS[config.name](parameter_groups(model, config.weight_decay_norm_and_bias), config, in_place)

@@ -98,10 +98,13 @@ class TrainStep:
     def _clip_gradients(self, gradients: List[Optional[Tensor]]) -> Tensor:
         """Global gradient norm, and clipping to ``grad_clip_norm`` when set, on the device
         (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging). In
-        ``_foreach`` ops, out of place then copied, for the host's tracing time (SGD.step)."""
+        ``_foreach`` ops; out of place then copied where the step is traced (SGD.step says why)."""
         grads = [g for g in gradients if g is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         if self.grad_clip_norm > 0:
-            factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_copy_(grads, torch._foreach_mul(grads, factor.to(grads[0].dtype)))
+            factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+            if self.runtime.lazy:
+                torch._foreach_copy_(grads, torch._foreach_mul(grads, factor))
+            else:
+                torch._foreach_mul_(grads, factor)
         return norm
