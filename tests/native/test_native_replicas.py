@@ -43,7 +43,7 @@ def test_two_processes_train_with_one_log_and_every_checkpoint(two_processes):
     assert summary["replicas"] == 2 and summary["images"] == 3 * 4  # the global batch
     assert sorted(p.name for p in (output / "checkpoints").glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (1, 2, 3)]
     assert [step for step in metrics(output)] == [1, 2, 3]
-    assert result.stderr.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
+    assert result.stdout.count("training steps 1-3, batch 4 on 2 replica(s)") == 1
     assert summary["eval"]["AP"] >= 0.0  # the 7 validation images, sharded over both processes
 
 
