@@ -1,8 +1,9 @@
 """``retinanet-xla train``: one training loop on every local replica."""
 
+import contextlib
 import logging
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from retinanet_xla import storage
 from retinanet_xla.config import Config
@@ -35,6 +36,28 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
             split_batch(config.eval.batch_size, count, "eval.batch_size")
     _check_weight_files(config)  # before config.yaml or the synthetic dataset is written
     run = StagedDirectory(output_dir)
+    # The launcher's handlers turn SIGTERM/SIGINT into the STOP file every replica watches.
+    with PreemptionGuard(stop_file(run.local)) as guard:
+        summary = run_on_local_replicas(
+            _train_replica,
+            (config, output_dir, resume),
+            config,
+            (TrainingDiverged, TrainingInterrupted),
+            prepare=lambda: _prepared_run(config, output_dir, run, resume, overwrite, guard),
+        )
+    if summary is None:  # another process of a torchrun run: its master reports
+        return None
+    summary["report"] = write_report_or_warn(output_dir)
+    return summary
+
+
+@contextlib.contextmanager
+def _prepared_run(
+    config: Config, output_dir: Location, run: StagedDirectory, resume: bool, overwrite: bool, guard: PreemptionGuard
+) -> Iterator[None]:
+    """What a run does once before its replicas start, holding the run lock until they end:
+    refuse to mix with an earlier run, clear what an interrupted one left, fetch the bucket's
+    logs, write the synthetic dataset."""
     with RunLock(run.local):
         checkpoints = CheckpointDirectory(output_dir)
         existing = checkpoints.earlier_run()
@@ -54,20 +77,15 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
                 logger.warning("moved the earlier run's checkpoints and logs to %s", moved)
         for leftover in checkpoints.remove_leftovers():
             logger.warning("removed %s, left by a save that was interrupted", leftover)
-        stop_file(run.local).unlink(missing_ok=True)  # a stop request belongs to the run it stopped
+        if guard.signal_number is None:  # a stop request belongs to the run it stopped, not this one's
+            stop_file(run.local).unlink(missing_ok=True)
         run.pull(STAGED_LOGS)  # a recreated VM continues the bucket's logs, not a stale local copy
         split_files(config, "train", run.local)
         if config.train.eval_every > 0:
             split_files(config, "val", run.local)
-        # The launcher's handlers turn SIGTERM/SIGINT into the STOP file every replica watches.
-        with PreemptionGuard(stop_file(run.local)):
-            summary = run_on_local_replicas(
-                _train_replica, (config, output_dir, resume), config, (TrainingDiverged, TrainingInterrupted)
-            )
-    if summary is None:  # another process of a torchrun run: its master reports
-        return None
-    summary["report"] = write_report_or_warn(output_dir)
-    return summary
+        if guard.signal_number is not None:  # stopped while preparing: the replicas stop at once
+            stop_file(run.local).write_text(f"signal {guard.signal_number}\n")
+        yield
 
 
 # What a run writes into its output directory (the synthetic dataset stays: it is data).

@@ -146,6 +146,12 @@ class Runtime:
         raise NotImplementedError
 
     @classmethod
+    def started_by_external_launcher(cls) -> bool:
+        """This process is one replica of a group that a launcher outside the command started
+        (``torchrun``): the command then runs once per process, not once per host."""
+        return False
+
+    @classmethod
     def spawn(cls, entry: Callable, args: tuple, settings: RuntimeConfig) -> None:
         """``entry(index, *args)`` in every local replica; an exception raised by a replica is
         raised here, and a replica that ends its process breaks the launch."""

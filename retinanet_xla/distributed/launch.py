@@ -11,6 +11,7 @@ A replica that fails ends its whole process at once (``os._exit``): the others w
 wait in the next collective for a partner that never comes.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, ContextManager, Dict
 
 from retinanet_xla.config import Config, RuntimeConfig
 from retinanet_xla.device.choice import create_runtime, runtime_class
@@ -35,22 +36,37 @@ class ReplicaFailed(RunFailed):
     """A replica process ended abnormally; the replica printed its own error first."""
 
 
-def run_on_local_replicas(function: Callable[..., Any], args: tuple, config: Config, agreed_errors: tuple = ()) -> Any:
+def run_on_local_replicas(
+    function: Callable[..., Any],
+    args: tuple,
+    config: Config,
+    agreed_errors: tuple = (),
+    prepare: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> Any:
     """``function(runtime, *args)`` on every local replica (``runtime.device``,
     ``runtime.num_devices``), in this process when there is one; returns what the master's
     call returned (through a JSON file when the replicas run in a child process), and None in
     the other processes of a run started by ``torchrun`` (one replica each): only the master
-    reports. Callers check what must hold for every replica (batch sizes) and write shared data
-    before calling."""
+    reports. Callers check what must hold for every replica (batch sizes) first.
+
+    ``prepare()`` is entered once per run, before any replica starts and until they all end:
+    what a run does once (its lock, the files every replica reads). Under an external launcher
+    every process is one replica and runs this command: the master alone enters it, and the
+    others wait for it at a barrier (a master that fails there ends the launcher's group)."""
     backend = runtime_class(config.runtime.device)
-    if backend.local_replica_count(config.runtime) == 1:
+    if backend.local_replica_count(config.runtime) == 1 and backend.started_by_external_launcher():
         runtime = create_runtime(config.runtime)
-        value = function(runtime, *args)
+        with prepare() if runtime.replicas.is_master else contextlib.nullcontext():
+            runtime.replicas.barrier()
+            value = function(runtime, *args)
         return value if runtime.replicas.is_master else None
-    with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
-        result = Path(scratch) / "master.json"
-        launch(backend, config.runtime, _return_from_master, (function, args, result), agreed_errors)
-        return json.loads(result.read_text())
+    with prepare():
+        if backend.local_replica_count(config.runtime) == 1:
+            return function(create_runtime(config.runtime), *args)
+        with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
+            result = Path(scratch) / "master.json"
+            launch(backend, config.runtime, _return_from_master, (function, args, result), agreed_errors)
+            return json.loads(result.read_text())
 
 
 def _return_from_master(runtime: Runtime, function: Callable[..., Any], args: tuple, result: Path) -> None:

@@ -7,6 +7,7 @@ The signal handler writes the ``STOP`` file, which is how replicas running in th
 child process (several devices) learn of it; a user or a job wrapper may create it too.
 """
 
+import contextlib
 import os
 import signal
 import threading
@@ -44,7 +45,10 @@ class PreemptionGuard:
             os._exit(128 + number)
         self.signal_number = number
         if self.stop_path is not None:
-            self.stop_path.write_text(f"signal {number}\n")
+            # Before the run's directory exists, the number alone is kept: the run writes
+            # the file once it is prepared (commands/train.py).
+            with contextlib.suppress(OSError):
+                self.stop_path.write_text(f"signal {number}\n")
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():

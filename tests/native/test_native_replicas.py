@@ -103,3 +103,21 @@ def test_the_same_command_under_torchrun_joins_its_processes(tmp_path):
     # One summary, the master's: the other process reports nothing.
     summaries = [line for line in result.stdout.splitlines() if " replica(s): first step " in line]
     assert len(summaries) == 1 and summaries[0].startswith("cpu x 2 replica(s)"), result.stdout
+
+
+def test_train_under_torchrun_prepares_the_run_once_and_makes_the_spawned_runs_update(two_processes, tmp_path):
+    """``torchrun ... -m retinanet_xla train``, as the README shows: every process runs the
+    command, the master alone takes the run lock and writes the shared files while the other
+    waits, and the run is the one that ``--devices 2`` trains (same weights at step 3)."""
+    spawned, _ = two_processes
+    torchrun = SCRIPT.parent / "torchrun"
+    args = ["--nproc-per-node", "2", "-m", "retinanet_xla", *train_command(tmp_path, *NATIVE, "runtime.num_devices=null")[1:]]
+    result = cli(*args, script=torchrun, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training steps 1-3, batch 4 on 2 replica(s)") == 1, result.stdout
+    assert "another train run" not in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["replicas"] == 2 and [step for step in metrics(tmp_path)] == [1, 2, 3]
+    final = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")["model"]
+    for name, tensor in load_checkpoint(spawned / "checkpoints" / "step_00000003.pt")["model"].items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5, msg=name)

@@ -60,6 +60,10 @@ class NativeRuntime(Runtime):
     # -- starting replicas ----------------------------------------------------------------
 
     @classmethod
+    def started_by_external_launcher(cls) -> bool:
+        return under_torchrun()
+
+    @classmethod
     def local_replica_count(cls, settings: RuntimeConfig) -> int:
         """Replicas this command starts on this host: one under ``torchrun`` (which started
         this process as one of them), else ``num_devices``, else every local device."""
