@@ -54,14 +54,15 @@ def run_on_local_replicas(
     every process is one replica and runs this command: the master alone enters it, and the
     others wait for it at a barrier (a master that fails there ends the launcher's group)."""
     backend = runtime_class(config.runtime.device)
-    if backend.local_replica_count(config.runtime) == 1 and backend.started_by_external_launcher():
+    count = backend.local_replica_count(config.runtime)  # one under an external launcher
+    if backend.started_by_external_launcher():
         runtime = create_runtime(config.runtime)
         with prepare() if runtime.replicas.is_master else contextlib.nullcontext():
             runtime.replicas.barrier()
             value = function(runtime, *args)
         return value if runtime.replicas.is_master else None
     with prepare():
-        if backend.local_replica_count(config.runtime) == 1:
+        if count == 1:
             return function(create_runtime(config.runtime), *args)
         with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
             result = Path(scratch) / "master.json"
