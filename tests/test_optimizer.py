@@ -37,11 +37,12 @@ def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias, in_place):
         torch.testing.assert_close(a, b)
 
 
-def test_sgd_in_place_is_the_traced_update_bit_for_bit():
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, True), (0.9, False), (0.0, False)])
+def test_sgd_in_place_is_the_traced_update_bit_for_bit(momentum, nesterov):
     """The eager (in-place) and the traced (out-of-place, copied) updates are the same
     operations in the same order: a resume across backends continues the same run."""
     models = {in_place: small_model() for in_place in (False, True)}
-    config = OptimizerConfig(momentum=0.9, weight_decay=0.01)
+    config = OptimizerConfig(momentum=momentum, nesterov=nesterov, weight_decay=0.01)
     optimizers = {in_place: SGD(parameter_groups(m, True), config, in_place=in_place) for in_place, m in models.items()}
     for step in range(3):
         x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(step))
