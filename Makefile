@@ -13,7 +13,7 @@ NATIVE_STAMP := $(NATIVE_VENV)/.installed
 # package itself has no upper pin. torch-tpu 0.2.0 supports torch 2.11 to 2.15.
 NATIVE_TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: chromium install lint test test-xla test-native test-fast demo bench bench-backends bench-backbones bench-ratios bench-recipes clean
+.PHONY: chromium install lint test test-xla test-native test-fast demo bench bench-backends bench-gpu bench-eval-overlap bench-backbones bench-ratios bench-recipes clean
 
 # --no-cache-dir: the wheels (torch's CUDA build, several GB) are not kept a second time in
 # pip's cache; a CI run on a full disk failed with ENOSPC during this install.
@@ -95,12 +95,25 @@ bench: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/optimizers_xla.py --json runs/bench/optimizers-xla.json
 	$(BIN)/python benchmarks/startup.py --json runs/bench/startup.json
 
-# Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 # The step on every backend of this machine, in alternating pairs: XLA:CPU, native eager, native
 # torch.compile and torchvision's eager RetinaNet; smoke and 640-3x at 256 px (docs/performance.md).
 bench-backends: $(STAMP) $(NATIVE_STAMP)
 	$(BIN)/python benchmarks/backends.py --pairs 2 --json runs/bench/backends.json
 
+# One GPU (the native environment on a CUDA machine; ~8 minutes): 640-3x at batch 16 and 32, ours
+# eager bf16, compiled, compiled with CUDA graphs, and torchvision's RetinaNet with AMP: images/s,
+# utilisation, peak memory (docs/performance.md, "GPU benchmark").
+bench-gpu: $(NATIVE_STAMP)
+	$(NATIVE_BIN)/python benchmarks/gpu.py --json runs/bench/gpu.json --markdown runs/bench/gpu.md
+
+# Training with evaluations, this checkout against BASELINE (a checkout of an earlier commit), in
+# alternating pairs on CPU XLA and native CPU (docs/performance.md, "Evaluation overlapping training").
+bench-eval-overlap: $(STAMP) $(NATIVE_STAMP)
+	@test -n "$(BASELINE)" || { echo "make bench-eval-overlap BASELINE=DIR: a checkout to compare with (git worktree add DIR COMMIT)" >&2; exit 2; }
+	$(BIN)/python benchmarks/eval_overlap.py --baseline $(BASELINE) --pairs 2 --json runs/bench/eval-overlap-xla.json
+	$(NATIVE_BIN)/python benchmarks/eval_overlap.py --baseline $(BASELINE) --device cpu --pairs 2 --json runs/bench/eval-overlap-cpu.json
+
+# Every backbone: parameters, FLOPs at 640, smoke-batch step eager and on CPU XLA (docs/models.md; ~25 min).
 bench-backbones: $(STAMP)
 	PJRT_DEVICE=CPU $(BIN)/python benchmarks/backbones.py --steps 6 --json runs/bench/backbones.json
 

@@ -1,7 +1,8 @@
 """The same training step on every backend this machine has, in alternating pairs: XLA:CPU (the
 torch-xla environment), the native backend eagerly and as one `torch.compile` graph (the native
 environment, PyPI's current torch), and torchvision's own `RetinaNet`, eager, on the same CPU,
-sizes and batch: the alternative a CPU user would pick.
+sizes and batch: the alternative a CPU user would pick. The 640-3x case runs in fp32 and in bf16
+(torchvision's model under bf16 autocast, as its references' ``--amp``).
 
 Each run is a process of its own; the order of the four flips from one pair to the next, since
 this VM's speed drifts 5-10% within minutes. Usage (`make bench-backends`):
@@ -21,20 +22,13 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 XLA_PYTHON = ROOT / ".venv" / "bin" / "python"
 NATIVE_PYTHON = ROOT / ".venv-native" / "bin" / "python"
+AT_256 = ["data.image_size=[256,256]", "train.batch_size=8", "model.backbone.weights=null", "runtime.num_devices=1"]
 CASES = {
     # torchvision's head has 4 convolutions per branch, fixed: ours gets the same.
     "smoke": ("configs/smoke.yaml", ["model.head.convs=4"]),
-    "640-3x at 256": (
-        "configs/640-3x.yaml",
-        # fp32 for all four: torchvision's model has no bf16 autocast of its own here.
-        [
-            "data.image_size=[256,256]",
-            "train.batch_size=8",
-            "model.backbone.weights=null",
-            "runtime.num_devices=1",
-            "train.precision=fp32",
-        ],
-    ),
+    "640-3x at 256": ("configs/640-3x.yaml", [*AT_256, "train.precision=fp32"]),
+    # bf16: ours by train.precision, torchvision's under autocast as its references' --amp does.
+    "640-3x at 256, bf16": ("configs/640-3x.yaml", [*AT_256, "train.precision=bf16"]),
 }
 BACKENDS = ("xla", "native eager", "native compiled", "torchvision eager")
 
@@ -47,6 +41,7 @@ def run(backend: str, config: str, settings: List[str], steps: int) -> Dict:
         env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
         if backend == "torchvision eager":
             command = [str(NATIVE_PYTHON), "benchmarks/torchvision_retinanet.py", "--device", "cpu", "--torchvision-only"]
+            command += ["--amp"] if "train.precision=bf16" in settings else []
             command += ["--config", config, "--steps", str(steps), "--json", str(out)]
             command += [item for setting in settings for item in ("--set", setting)]
         else:

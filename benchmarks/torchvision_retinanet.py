@@ -11,6 +11,7 @@ would run it. Usage (see `make bench`):
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -55,11 +56,20 @@ def _device(name: str):
     return device, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), lambda: None
 
 
-def time_torchvision(config, steps, device_name="xla"):
+def time_torchvision(config, steps, device_name="xla", amp=False):
+    """``amp``: mixed precision as torchvision's references train (``--amp``): autocast to fp16
+    with a ``GradScaler`` on CUDA; on a CPU, autocast to bf16 (no scaler needed)."""
     device, wait, compilations = _device(device_name)
     torch.manual_seed(0)
     model = torchvision_model(config).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    cuda = device_name == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp and cuda else None
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda else (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     batches = synthetic_batches(config, config.train.batch_size)
     start_count = compilations()
     times = []
@@ -72,10 +82,17 @@ def time_torchvision(config, steps, device_name="xla"):
             real = labels >= 0
             targets.append({"boxes": boxes[real].to(device), "labels": labels[real].to(device)})
         tick = time.perf_counter()
-        losses = model(images, targets)
+        with autocast() if amp else contextlib.nullcontext():
+            losses = model(images, targets)
         optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+        loss = sum(losses.values())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         wait()
         times.append(time.perf_counter() - tick)
         print(f"torchvision step {step + 1}: {times[-1]:.2f} s", flush=True)
@@ -88,6 +105,8 @@ def time_torchvision(config, steps, device_name="xla"):
         "median_step_seconds_after_first": round(statistics.median(after_first), 4),
         "images_per_second": round(config.train.batch_size / statistics.median(after_first), 3),
         "compilations": None if start_count is None else compilations() - start_count,
+        "amp": amp,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
     }
 
 
@@ -98,6 +117,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="torchvision steps (on XLA each ~1-2 min on a 2-core CPU)")
     parser.add_argument("--ours-steps", type=int, default=20)
     parser.add_argument("--torchvision-only", action="store_true", help="time torchvision's model alone")
+    parser.add_argument("--amp", action="store_true", help="torchvision's model in mixed precision, as its references train it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="a config override, as for bench")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -105,7 +125,7 @@ def main():
         args.config,
         [*args.overrides, f"model.head.convs={TORCHVISION_HEAD_CONVS}", f"runtime.device={args.device}", "train.precision=fp32"],
     )
-    theirs = time_torchvision(config, args.steps, args.device)
+    theirs = time_torchvision(config, args.steps, args.device, args.amp)
     result = {"config": str(args.config), "image_size": list(config.data.image_size), "batch_size": config.train.batch_size}
     result.update(head_convs=TORCHVISION_HEAD_CONVS, torchvision=theirs)
     if not args.torchvision_only:

@@ -43,6 +43,18 @@ TINY = [
 ]
 
 
+# Training with an evaluation every 20 steps, each after that step's checkpoint, at a rate and
+# score threshold at which even step 20 has detections to score (tests of evaluation during training).
+EVALUATING = [
+    "train.eval_every=20",
+    "train.checkpoint_every=20",
+    "train.log_every=10",
+    "train.schedule.base_lr=0.04",
+    "train.schedule.warmup_steps=5",
+    "eval.score_threshold=0.001",
+]
+
+
 def set_options(overrides) -> list:
     """``["--set", o1, "--set", o2, ...]``."""
     return [item for override in overrides for item in ("--set", override)]

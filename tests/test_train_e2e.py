@@ -58,11 +58,24 @@ def test_training_run_succeeds_without_recompiling(trained):
     assert summary["images_per_second"] > 0 and summary["wall_seconds"] > summary["first_step_seconds"] > 0
     assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
     assert 0.0 <= summary["device_wait_fraction"] < 1.0
+    # Utilisation against this CPU's own matmul, measured in the run: the tiny model's FLOPs
+    # at 64 px (about 1/4 of smoke's 4 GFLOP at 128 px, with a smaller FPN and head).
+    assert 0.3e9 < summary["train_flops_per_image"] < 1.5e9
+    assert summary["peak_source"].startswith("measured: 2048x2048 fp32 matmul on this CPU")
+    utilisation = summary["achieved_tflops_per_device"] / summary["peak_tflops_per_device"]
+    assert summary["utilisation"] == pytest.approx(utilisation, abs=1e-4)  # reported to 4 decimals
+    assert summary["achieved_tflops_per_device"] == pytest.approx(
+        summary["images_per_second"] * summary["train_flops_per_image"] / 1e12, rel=0.01
+    )
     assert [line for line in result.stderr.splitlines() if "WARNING" in line] == []
     # Output to a file: one plain line per log step in it, and where TensorBoard is.
     plain = [line for line in result.stdout.splitlines() if line.startswith("step ") and "/12  loss " in line]
     assert [line.split("/")[0] for line in plain] == ["step 1", "step 4", "step 6", "step 8", "step 12"]
     assert "ETA 0:" in plain[-2] and " img/s" in plain[-1] and "(cls " in plain[0]
+    assert "% of peak)" in plain[-1]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rated = [row for row in rows if "images_per_second" in row]
+    assert rated and all(0 < row["utilisation"] and row["tflops_per_second_per_device"] > 0 for row in rated)
     assert f"TensorBoard: tensorboard --logdir {output / 'tensorboard'}" in result.stdout
 
 

@@ -21,6 +21,7 @@ from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.training.batches import train_batches
 from retinanet_xla.training.build import build_train_step
+from retinanet_xla.training.flops import step_utilisation
 from retinanet_xla.training.summary import timing_summary
 
 DISTINCT_BATCHES = 4
@@ -143,8 +144,11 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
         compilations_after_warmup=compiled["count"] - compiled_at_warmup["count"],
         waits=slowest_waits,
     )
+    # After the timed steps, with the device idle: a CPU measures its own peak here.
+    utilisation = step_utilisation(config, runtime).report(summary["images_per_second"]) if replicas.is_master else {}
     return {
         **summary,
+        **utilisation,
         "input": f"data pipeline, {config.data.num_workers} worker(s) per replica"
         if data_root is not None
         else "in-memory random batches",
@@ -161,6 +165,7 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
         # The process's (every replica's, where they are threads) minor page faults per warm
         # step: memory mapped afresh every step, which a steady step should not need.
         "page_faults_per_step": round(faults / (steps - 1)),
+        "peak_memory_bytes": runtime.peak_memory_bytes(),  # this replica's device, where counted (CUDA)
     }
 
 

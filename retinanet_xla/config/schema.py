@@ -22,6 +22,7 @@ SCHEDULES = ("step", "cosine")
 OPTIMIZER_NAMES = ("sgd", "adamw")
 DEVICES = ("auto", "xla", "tpu", "cuda", "cpu")
 COMPILE_CHOICES = ("auto", True, False)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_GRAPHS = ("replay", "retrace")
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 
@@ -339,16 +340,24 @@ class RuntimeConfig:
     # native devices (cpu, cuda, tpu): the whole train step as one torch.compile graph. auto: on
     # for cuda and tpu, off for cpu (docs/performance.md, "Native backend")
     compile: Union[bool, str] = "auto"
+    # torch.compile's mode for the train step: reduce-overhead captures it as CUDA graphs on
+    # CUDA (docs/performance.md, "GPU benchmark"); default until a GPU measurement says otherwise
+    compile_mode: str = "default"
     compile_cache: Optional[str] = "auto"  # persistent XLA compilation cache: auto | a directory | null
     profile_steps: Optional[List[int]] = None  # [first, last]: a profiler trace of those train steps
     step_graph: str = "replay"  # replay: trace the train step once, then rerun its graph | retrace: trace every step
     # XLA's CPU client only: 1x1 and small-output convolutions as matrix products, which it runs
     # faster (docs/performance.md, "XLA:CPU kernel rewrites"); TPUs and native devices ignore it
     xla_cpu_kernels: bool = True
+    # The device's peak TFLOP/s in the step's precision, for utilisation: null = the table of
+    # datasheet peaks, or on a CPU a matmul measured in the same run (docs/performance.md)
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops, "> 0 or null")
         _require(self.compile in COMPILE_CHOICES, "compile", self.compile, "auto, true or false")
+        _one_of("compile_mode", self.compile_mode, COMPILE_MODES)
         _one_of("step_graph", self.step_graph, STEP_GRAPHS)
         _require(self.num_devices is None or self.num_devices >= 1, "num_devices", self.num_devices, ">= 1 or null")
         profile = self.profile_steps
@@ -377,6 +386,7 @@ __all__ = [
     "BackboneConfig",
     "Config",
     "COMPILE_CHOICES",
+    "COMPILE_MODES",
     "DEVICES",
     "DataConfig",
     "EVAL_BACKENDS",

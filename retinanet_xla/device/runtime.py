@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
+from retinanet_xla.device.peaks import Peak, table_peak
 from retinanet_xla.errors import ConfigError
 
 Batch = Dict[str, Tensor]
@@ -221,6 +222,24 @@ class Runtime:
     def device_seconds(self) -> Optional[float]:
         """Seconds this device has spent executing so far; None where it is not known."""
         return None
+
+    def peak_memory_bytes(self) -> Optional[int]:
+        """The most device memory this process has held at once so far, where the backend
+        counts it (CUDA); None otherwise."""
+        return None
+
+    def chip_name(self) -> Optional[str]:
+        """What the device is, as its vendor names it (``NVIDIA H100 80GB HBM3``, a TPU
+        accelerator type such as ``v5litepod-8``); None where it cannot tell."""
+        return None
+
+    def peak(self, precision: str) -> Peak:
+        """One device's peak rate in ``precision`` (``bf16`` or ``fp32``), for utilisation:
+        the datasheet figure of a known chip; a CPU measures its own (``peaks.measured_cpu_peak``)."""
+        name = self.chip_name()
+        if name is None:
+            return Peak(None, "the device cannot name itself, so its peak is not known; pass --peak-tflops")
+        return table_peak(name, precision)
 
     def memory_bytes(self) -> Optional[int]:
         """The memory one replica's step may use, where the backend can tell; None otherwise.

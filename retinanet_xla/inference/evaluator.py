@@ -15,6 +15,7 @@ from retinanet_xla.data.splits import resolve_max_boxes
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.inference.detector import Detector
+from retinanet_xla.inference.scoring import BackgroundScoring
 from retinanet_xla.models import RetinaNet
 from retinanet_xla.ops.postprocess import Detections, to_original_pixels
 from retinanet_xla.rundir.directory import run_of
@@ -105,9 +106,18 @@ class Evaluator:
         detections = self.predict(model)
         if detections is None:
             return None
-        result = evaluate_detections(self.gt, detections, [r.image_id for r in self.coco.records], self.config.eval.backend)
-        result["detections"] = detections
-        return result
+        return {**self.score(detections), "detections": detections}
+
+    def score(self, detections: List[Dict]) -> Dict:
+        """The split's COCO metrics for ``detections`` (the master's ``predict``), in this process."""
+        return evaluate_detections(self.gt, detections, self._image_ids(), self.config.eval.backend)
+
+    def background_scoring(self) -> BackgroundScoring:
+        """The same scoring in a background process (train's evaluations), ``score`` its fallback."""
+        return BackgroundScoring(self.coco.annotations_file, self._image_ids(), self.config.eval.backend, self.score)
+
+    def _image_ids(self) -> List[int]:
+        return [record.image_id for record in self.coco.records]
 
 
 def evaluation_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -65,6 +65,18 @@ def to_cpu(value: Any) -> Any:
     return value
 
 
+def host_snapshot(value: Any) -> Any:
+    """Like ``to_cpu``, but a copy even of host tensors: what the step updates in place after
+    this call does not change it (the evaluated weights that train keeps for ``best.pt``)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [host_snapshot(v) for v in value]
+    return value
+
+
 def versions() -> Dict[str, str]:
     import torchvision
 

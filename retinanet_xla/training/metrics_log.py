@@ -33,6 +33,21 @@ def _row_step(line: str) -> float:
         return float("inf")  # a line cut off by a kill: dropped
 
 
+def logged_evaluations(path: Path) -> set:
+    """The steps whose evaluation metrics ``metrics.jsonl`` holds."""
+    if not path.is_file():
+        return set()
+    steps = set()
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by a kill
+        if isinstance(row, dict) and "eval" in row:
+            steps.add(row.get("step"))
+    return steps
+
+
 class MetricsLog:
     def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, console: Optional[Console] = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -84,6 +99,8 @@ class MetricsLog:
         )
         if "images_per_second" in values:
             line += f"  {values['images_per_second']:.1f} img/s"
+        if "utilisation" in values:
+            line += f" ({values['utilisation']:.0%} of peak)"
         first_step, first_time = self.started
         if step > first_step + 1:
             seconds_per_step = (time.monotonic() - first_time) / (step - first_step)

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from rich.console import Console
@@ -23,14 +23,16 @@ from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.errors import CheckpointError, RunFailed, RunStopped
 from retinanet_xla.inference.evaluator import Evaluator
-from retinanet_xla.rundir.checkpoint import inference_weights, load_checkpoint
+from retinanet_xla.inference.scoring import BackgroundScoring, Scored
+from retinanet_xla.rundir.checkpoint import host_snapshot, inference_weights, load_checkpoint
 from retinanet_xla.rundir.directory import CheckpointDirectory
 from retinanet_xla.storage import Location, StagedDirectory
 from retinanet_xla.training.batches import train_batches
 from retinanet_xla.training.build import build_train_step
+from retinanet_xla.training.flops import Utilisation, step_utilisation
 from retinanet_xla.training.hooks import Cadence, CompileWatch, DivergenceCheck, ProfileWindow, Throughput
 from retinanet_xla.training.init_from import initialize_from
-from retinanet_xla.training.metrics_log import MetricsLog, SilentLog
+from retinanet_xla.training.metrics_log import MetricsLog, SilentLog, logged_evaluations
 from retinanet_xla.training.summary import timing_summary
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class Trainer:
         self.num_images = len(self.coco.records)
 
         self.evaluator = None
+        self.scoring: Optional[BackgroundScoring] = None  # the master's, while the loop runs
         if config.train.eval_every > 0:  # every replica evaluates its shard of the split
             val = dataset_split(config, "val", local)
             val.mapping = self.coco.mapping  # detections are written with the training set's ids
@@ -190,6 +193,7 @@ class Trainer:
         loop = self._start_loop()
         try:
             with PreemptionGuard(stop_file(self.run_files.local)) as guard:
+                self._redo_lost_evaluation(loop)
                 for step in range(loop.first, c.steps + 1):
                     loop.profile.before(step)
                     outputs = self.step_fn(next(loop.batches))
@@ -201,18 +205,23 @@ class Trainer:
                     stop, diverged = replicas.agree([stop_requested, self.divergence.diverged]) if plan.decide else (False, False)
                     self._after_step(step, plan, loop)
                     if diverged:
+                        self._take_scores(loop.log, wait=True)  # the evaluations before it stand
                         raise TrainingDiverged(
                             f"the loss is not finite at step {self.divergence.step or step}; stopping "
                             f"(last good checkpoint: {self.last_checkpoint or 'none'})"
                         )
                     self._periodic_work(step, plan, stop, loop)
                     if stop and not plan.last:
+                        self._take_scores(loop.log, wait=True)  # nothing scored is lost by the stop
                         raise TrainingInterrupted(
                             f"stopped {guard.reason or 'because another replica was asked to'} at step {step}; "
                             f"saved {self.last_checkpoint}; run the same command again to resume"
                         )
             runtime.wait()
+            self._take_scores(loop.log, wait=True)  # every evaluation's metrics before the summary
         finally:
+            if self.scoring is not None:
+                self.scoring.close()  # only a failed run leaves scorings here
             loop.close()
             self._upload_logs()
         return self._summary(loop)
@@ -239,6 +248,11 @@ class Trainer:
             lambda: self.runtime.start_profile(tensorboard),
             self.runtime.stop_profile,
         )
+        # Before the input workers start: a CPU measures its peak now (the master alone reports).
+        utilisation = step_utilisation(self.config, self.runtime) if self.replicas.is_master else None
+        if self.evaluator is not None and self.replicas.is_master:
+            self.scoring = self.evaluator.background_scoring()
+            self.scoring.start()  # reads the ground truth while step 1 compiles
         clock = Stopwatch()
         loop = LoopState(
             first=first,
@@ -250,6 +264,7 @@ class Trainer:
             throughput=Throughput(c.batch_size, clock.seconds),
             batches=self.runtime.device_batches(self.counters),
             tensorboard=tensorboard,
+            utilisation=utilisation,
         )
         self.replicas.barrier()  # every replica is past its own setup graphs before step 1's
         return loop
@@ -271,12 +286,17 @@ class Trainer:
     def _periodic_work(self, step: int, plan, stop: bool, loop: "LoopState") -> None:
         """Checkpoint and evaluation at a step boundary; their time is not training time."""
         loop.log.advance(step)
+        self._take_scores(loop.log)
         paused = Stopwatch()
         if plan.checkpoint or stop:
+            # The checkpoint's best AP and the logs uploaded with it include every evaluation
+            # before it: a scoring in flight is waited for (usually long done by now).
+            self._take_scores(loop.log, wait=True)
             self._save(step)
         if plan.evaluate:
-            if self.last_eval is None:  # compiling the evaluation graphs is warm-up too
+            if not loop.evaluated:  # compiling the evaluation graphs is warm-up too
                 loop.compiles.also_warmup(lambda: self._evaluate(step, loop.log))
+                loop.evaluated = True
             else:
                 self._evaluate(step, loop.log)
         if plan.checkpoint or stop or plan.evaluate:
@@ -289,6 +309,10 @@ class Trainer:
         rate = loop.throughput.rate(step)
         if rate is not None:
             values["images_per_second"] = rate
+            report = loop.utilisation.report(rate)  # the master's, as this call is
+            values["tflops_per_second_per_device"] = report["achieved_tflops_per_device"]
+            if report["utilisation"] is not None:
+                values["utilisation"] = report["utilisation"]
         values["truncated_images"] = float(self.counters.truncated)
         values["unreadable_images"] = float(self.counters.unreadable)
         self.last_loss = values["loss"]
@@ -297,25 +321,51 @@ class Trainer:
         loop.log.write(step, values)
 
     def _evaluate(self, step: int, log: MetricsLog) -> None:
-        """Every replica runs the model over its shard; the master scores the gathered
-        detections and keeps ``best.pt`` while the others wait."""
-        result = self.evaluator.evaluate(self.step_fn.inference_model)
-        if result is None:  # not the master
-            self.replicas.barrier()
+        """Every replica runs the model over its shard; the master hands the gathered
+        detections to the background scoring, with a host copy of the evaluated state for
+        ``best.pt``, and training goes on. The metrics land at a later step boundary."""
+        detections = self.evaluator.predict(self.step_fn.inference_model)
+        if detections is None:  # not the master
             return
-        metrics = result["metrics"]
-        log.write_eval(step, metrics)
-        self.last_eval = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        if metrics["AP"] > self.best_ap:
-            self.best_ap = metrics["AP"]
-            self.checkpoints.save_best(self._payload(step))
-        self.replicas.barrier()
+        log.message(f"step {step}: evaluated, scoring {len(detections)} detections in the background")
+        self._record_scores(self.scoring.submit(step, detections, host_snapshot(self._payload(step))), log)
+
+    def _redo_lost_evaluation(self, loop: "LoopState") -> None:
+        """A run killed while the evaluation of its last checkpoint's step was being scored
+        never logged it, and the resumed loop starts after that step: the restored state is
+        that step's, so it is evaluated again now (once: a logged evaluation is not redone)."""
+        step, every = self.start_step, self.config.train.eval_every
+        if self.evaluator is None or step == 0 or (step % every and step != self.config.train.steps):
+            return
+        lost = self.replicas.is_master and step not in logged_evaluations(self.run_files.local / "metrics.jsonl")
+        if self.replicas.from_master(int(lost)) == 1:  # every replica evaluates its shard
+            loop.compiles.also_warmup(lambda: self._evaluate(step, loop.log))
+            loop.evaluated = True
+
+    def _take_scores(self, log, wait: bool = False) -> None:
+        """The master's finished scorings, logged (``wait``: every one in flight)."""
+        if self.scoring is None:
+            return
+        running = self.scoring.running() if wait else []
+        if running:  # says why the run pauses here
+            log.message(f"waiting for the background scoring of step {', '.join(map(str, running))}")
+        self._record_scores(self.scoring.finished(wait=wait), log)
+
+    def _record_scores(self, scored: List[Scored], log) -> None:
+        for done in scored:
+            metrics = done.result["metrics"]
+            log.write_eval(done.step, metrics)
+            self.last_eval = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            if metrics["AP"] > self.best_ap:
+                self.best_ap = metrics["AP"]
+                self.checkpoints.save_best({**done.context, "best_ap": self.best_ap})
 
     def _summary(self, loop: "LoopState") -> Dict:
         c = self.config.train
         steps_run = c.steps - self.start_step
         warm_steps, warm_seconds = steps_run - 1, (loop.warm_clock.seconds() if loop.warm_clock else 0.0)
         waits = loop.input_wait.fractions() if loop.input_wait is not None and c.steps > loop.first else {}
+        images_per_second = warm_steps * c.batch_size / warm_seconds if warm_steps > 0 and warm_seconds else None
         summary = {
             "steps": c.steps,
             "resumed_from_step": self.start_step,
@@ -325,10 +375,11 @@ class Trainer:
                 self.runtime,
                 self.runtime.compilations(),
                 first_step_seconds=loop.first_step_seconds,
-                images_per_second=warm_steps * c.batch_size / warm_seconds if warm_steps > 0 and warm_seconds else None,
+                images_per_second=images_per_second,
                 compilations_after_warmup=loop.compiles.after_warmup() if steps_run else 0,
                 waits=waits,
             ),
+            **(loop.utilisation.report(images_per_second) if loop.utilisation is not None else {}),
             "first_loss": self.first_loss,
             "final_loss": self.last_loss,
             "truncated_images": self.counters.truncated,
@@ -358,6 +409,8 @@ class LoopState:
     batches: TimedBatches
     tensorboard: Path
     first_step_seconds: float = 0.0
+    utilisation: Optional[Utilisation] = None  # the master's; None on the other replicas
+    evaluated: bool = False  # an evaluation ran (its graphs are compiled)
     warm_clock: Optional[Stopwatch] = None
     input_wait: Optional[InputWait] = None
 

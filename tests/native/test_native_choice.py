@@ -20,11 +20,16 @@ def test_torch_xla_is_absent_and_torchtpu_installed_where_it_installs():
 
 def test_auto_resolves_to_the_cpu_beside_torchtpu_without_chips(tmp_path):
     result = cli(
-        "bench", "configs/smoke.yaml", "--steps", "2", "--json", tmp_path / "b.json", *[a for o in TINY for a in ("--set", o)]
-    )
+        "bench", "configs/smoke.yaml", "--steps", "2", "--json", tmp_path / "b.json", "--peak-tflops", "2.5",
+        *[a for o in TINY for a in ("--set", o)],
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["device"] == "cpu" and bench["step_graph"] == "eager"
+    # The given peak, not the CPU's measured one; the printed line says the same.
+    assert bench["peak_source"] == "--peak-tflops" and bench["peak_tflops_per_device"] == 2.5
+    assert bench["utilisation"] == pytest.approx(bench["achieved_tflops_per_device"] / 2.5, abs=1e-4)
+    assert f"{bench['utilisation']:.1%} of its peak 2.5 (--peak-tflops)" in result.stdout
     assert "torch_tpu" not in result.stderr and "PrivateUse1" not in result.stderr  # never imported
 
 

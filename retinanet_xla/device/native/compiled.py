@@ -13,8 +13,11 @@ from retinanet_xla.device.runtime import Batch, StepProgram
 class CompiledProgram:
     waited_seconds = 0.0  # a compiled step's launch does not wait for the step before
 
-    def __init__(self, program: StepProgram, backend: str):
-        self._step = torch.compile(program.trace, backend=backend, fullgraph=True, dynamic=False)
+    def __init__(self, program: StepProgram, backend: str, mode: str = "default"):
+        # ``mode`` (runtime.compile_mode) only where it is not the default: a backend other
+        # than inductor may not know the others.
+        options = {} if mode == "default" else {"mode": mode}
+        self._step = torch.compile(program.trace, backend=backend, fullgraph=True, dynamic=False, **options)
 
     def __call__(self, batch: Batch) -> Batch:
         # The step's gradients (torch.autograd.grad) are traced into its graph only with

@@ -21,6 +21,7 @@ from retinanet_xla.device.feed import TimedBatches
 from retinanet_xla.device.native.compiled import CompiledProgram, compile_counts
 from retinanet_xla.device.native.platforms import Platform, cpu_threads_per_replica, platform
 from retinanet_xla.device.native.replicas import DistributedReplicaGroup
+from retinanet_xla.device.peaks import Peak, measured_cpu_peak, tpu_accelerator_type
 from retinanet_xla.device.runtime import CompiledStep, EveryCall, ReplicaGroup, Runtime, StepProgram
 from retinanet_xla.errors import ConfigError
 
@@ -52,6 +53,7 @@ class NativeRuntime(Runtime):
         self.device = self.platform.device(local_rank)
         self.platform.set_device(self.device)
         self.compiled = compile_choice(settings.compile, self.kind)
+        self.compile_mode = settings.compile_mode
         self.step_graph = "compiled" if self.compiled else "eager"
         self.replicas = DistributedReplicaGroup(rank, world, self.device) if world > 1 else ReplicaGroup()
         if self.kind == "cpu" and local_world > 1:
@@ -122,7 +124,9 @@ class NativeRuntime(Runtime):
 
     def compile_step(self, program: StepProgram) -> CompiledStep:
         """``runtime.compile``: the whole step as one ``torch.compile`` graph, else eager."""
-        return CompiledProgram(program, self.platform.compile_backend) if self.compiled else EveryCall(program)
+        if not self.compiled:
+            return EveryCall(program)
+        return CompiledProgram(program, self.platform.compile_backend, self.compile_mode)
 
     def compile_inference(self, module: nn.Module) -> Callable:
         """One ``torch.compile`` graph where the step is compiled (``runtime.compile``), else eager."""
@@ -145,12 +149,22 @@ class NativeRuntime(Runtime):
 class CpuRuntime(NativeRuntime):
     kind = "cpu"
 
+    def peak(self, precision: str) -> Peak:
+        """This replica's threads' matmul rate (replicas that share the CPU split its cores)."""
+        return measured_cpu_peak(precision)
+
 
 class CudaRuntime(NativeRuntime):
     kind = "cuda"
 
     def memory_bytes(self) -> Optional[int]:
         return torch.cuda.mem_get_info(self.device)[1]  # the whole device's: our step is its user
+
+    def chip_name(self) -> Optional[str]:
+        return torch.cuda.get_device_name(self.device)
+
+    def peak_memory_bytes(self) -> Optional[int]:
+        return torch.cuda.max_memory_allocated(self.device)
 
 
 class TpuRuntime(NativeRuntime):
@@ -160,6 +174,9 @@ class TpuRuntime(NativeRuntime):
 
     def memory_bytes(self) -> Optional[int]:
         return None
+
+    def chip_name(self) -> Optional[str]:
+        return tpu_accelerator_type()
 
 
 NATIVE_RUNTIMES = {runtime.kind: runtime for runtime in (CpuRuntime, CudaRuntime, TpuRuntime)}

@@ -14,6 +14,7 @@ from torch import nn
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
+from retinanet_xla.device.peaks import Peak, measured_cpu_peak, tpu_accelerator_type
 from retinanet_xla.device.runtime import CompiledStep, EveryCall, Runtime, StepProgram
 from retinanet_xla.device.xla.cpu_convolution import use_matmul_convolutions
 from retinanet_xla.device.xla.feed import DeviceFeed
@@ -238,6 +239,29 @@ class XlaRuntime(Runtime):
             return int(xm.get_memory_info(self.device)["bytes_limit"])
         except (KeyError, TypeError, ValueError, RuntimeError):
             return None
+
+    def chip_name(self) -> Optional[str]:
+        """The TPU's accelerator type, from its environment or torch_xla's reading of it."""
+        if self.on_cpu:
+            return None
+        found = tpu_accelerator_type()
+        if found is None and xla_device_type() == "TPU":
+            from torch_xla._internal import tpu
+
+            try:
+                found = tpu.get_tpu_type()
+            except (KeyError, OSError, RuntimeError, ValueError):
+                found = None
+        return found
+
+    def peak(self, precision: str) -> Peak:
+        """On the CPU client: the host's matmul rate shared by its XLA devices (threads of this
+        process that share its cores)."""
+        if not self.on_cpu:
+            return super().peak(precision)
+        measured = measured_cpu_peak(precision)
+        share = self.local_replicas
+        return Peak(measured.tflops / share, measured.source + (f", shared by {share} XLA devices" if share > 1 else ""))
 
     def start_profile(self, log_dir: Path) -> None:
         """torch_xla's profiler (host and device activity)."""
