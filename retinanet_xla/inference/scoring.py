@@ -10,7 +10,10 @@ worker dies, the scorings it held are done in the training process instead (with
 a new worker takes the next ones: nothing is lost."""
 
 import logging
+import os
 import signal
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -28,13 +31,28 @@ logger = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2
 
 _worker_gt = None  # the worker's ground truth, read once by _start_worker
+PARENT_CHECK_SECONDS = 1.0
 
 
-def _start_worker(annotations: storage.Location) -> None:
+def _start_worker(annotations: storage.Location, parent: int) -> None:
     global _worker_gt
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The lowest CPU priority: the scoring takes the cycles training leaves. At the same priority
+    # it slowed a native CPU run's OpenMP threads more than it saved (docs/performance.md,
+    # "Evaluation overlapping training").
+    os.nice(19)
+    threading.Thread(target=_end_with, args=(parent,), daemon=True, name="scoring-parent-watch").start()
     _worker_gt = ground_truth(annotations)
+
+
+def _end_with(parent: int) -> None:
+    """End this worker when the training process is gone (killed outright: SIGKILL, a second
+    Ctrl-C). The worker holds both ends of its task queue, so it would never see the queue
+    close and would wait for work forever, holding the ground truth in memory."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def _score_in_worker(detections: Sequence[Dict], image_ids: Sequence[int], backend: str) -> Dict:
@@ -85,7 +103,10 @@ class BackgroundScoring:
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(self.annotations,)
+                max_workers=1,
+                mp_context=get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.annotations, os.getpid()),
             )
         return self._pool
 
