@@ -141,6 +141,8 @@ def bench(
 
 def utilisation_line(result: dict) -> str:
     """``0.55 TFLOP per image: 0.083 TFLOP/s per device, 51.2% of the peak 0.162 (measured: ...)``."""
+    if result["train_flops_per_image"] is None:
+        return "utilisation unknown: this model's FLOPs could not be counted"
     line = f"{result['train_flops_per_image'] / 1e12:.4g} TFLOP per training image: {result['achieved_tflops_per_device']:.4g} TFLOP/s per device"
     if result["utilisation"] is None:
         return f"{line}; utilisation unknown ({result['peak_source']})"

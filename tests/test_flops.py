@@ -8,6 +8,7 @@ from torch import nn
 from retinanet_xla.config import load_config
 from retinanet_xla.device.peaks import Peak, chip_of, measured_cpu_peak, table_peak
 from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.training import flops as flops_module
 from retinanet_xla.training.flops import Utilisation, training_flops, training_flops_per_image
 
 
@@ -39,6 +40,25 @@ def test_the_smoke_model_costs_4_gflop_per_image_and_scales_with_pixels():
     assert 3.9e9 < small < 4.05e9
     # 4x the pixels: 4x the convolutions (anchors and heads grow with the feature maps).
     assert large == pytest.approx(4 * small, rel=0.02)
+
+
+def test_a_backbone_that_cannot_be_built_on_meta_is_built_on_the_host_without_touching_the_rng():
+    """torchvision's RegNet reads its own initial values while it is built."""
+    before = torch.get_rng_state()
+    flops = training_flops_per_image(load_config("configs/smoke.yaml", ["model.backbone.name=regnet_y_400mf"]))
+    assert 1e9 < flops < 1e10
+    assert torch.equal(torch.get_rng_state(), before)  # exact resume restores the RNG: counting must not move it
+
+
+def test_a_model_that_cannot_be_counted_reports_no_utilisation_and_warns(monkeypatch, caplog):
+    def fails(*args):
+        raise NotImplementedError("an op without a meta kernel\nsecond line")
+
+    monkeypatch.setattr(flops_module, "_count", fails)
+    assert training_flops_per_image(load_config("configs/smoke.yaml")) is None
+    assert "could not count this model's FLOPs (an op without a meta kernel); utilisation is not reported" in caplog.text
+    report = Utilisation(None, Peak(1.0, "x"), 1).report(10.0)
+    assert report["train_flops_per_image"] is None and report["utilisation"] is None
 
 
 def test_the_reference_model_at_640_costs_0_55_tflop_and_reads_no_weights_file():

@@ -310,9 +310,9 @@ class Trainer:
         if rate is not None:
             values["images_per_second"] = rate
             report = loop.utilisation.report(rate)  # the master's, as this call is
-            values["tflops_per_second_per_device"] = report["achieved_tflops_per_device"]
-            if report["utilisation"] is not None:
-                values["utilisation"] = report["utilisation"]
+            for key, logged in (("achieved_tflops_per_device", "tflops_per_second_per_device"), ("utilisation", "utilisation")):
+                if report[key] is not None:  # None: the model's FLOPs or the device's peak are not known
+                    values[logged] = report[key]
         values["truncated_images"] = float(self.counters.truncated)
         values["unreadable_images"] = float(self.counters.unreadable)
         self.last_loss = values["loss"]
