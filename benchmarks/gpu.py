@@ -49,11 +49,11 @@ def run_ours(variant: str, config: str, settings: List[str], steps: int, timeout
     return {key: result[key] for key in keep} | {"compilations_after_warmup": result["compilations_after_warmup"]}
 
 
-def run_torchvision(config: str, settings: List[str], steps: int, timeout: float) -> Dict:
+def run_torchvision(config: str, device: str, settings: List[str], steps: int, timeout: float) -> Dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "tv.json"
         command = [sys.executable, "benchmarks/torchvision_retinanet.py", "--torchvision-only", "--amp"]
-        command += ["--device", settings_device(settings), "--config", config, "--steps", str(steps), "--json", str(out)]
+        command += ["--device", device, "--config", config, "--steps", str(steps), "--json", str(out)]
         command += [item for setting in settings for item in ("--set", setting)]
         finished = _run(command, timeout)
         if finished is not None:
@@ -65,10 +65,6 @@ def run_torchvision(config: str, settings: List[str], steps: int, timeout: float
         "step_seconds": tv["median_step_seconds_after_first"],
         "peak_memory_bytes": tv["peak_memory_bytes"],
     }
-
-
-def settings_device(settings: List[str]) -> str:
-    return next(s.split("=", 1)[1] for s in settings if s.startswith("runtime.device="))
 
 
 def _run(command: List[str], timeout: float) -> Optional[Dict]:
@@ -154,7 +150,7 @@ def main() -> None:
             if left < 10:
                 row = {"skipped": "time budget spent"}
             elif variant == TORCHVISION:
-                row = with_utilisation(run_torchvision(args.config, settings, args.steps, left), reference)
+                row = with_utilisation(run_torchvision(args.config, args.device, settings, args.steps, left), reference)
             else:
                 row = run_ours(variant, args.config, settings, args.steps, left)
                 if "train_flops_per_image" in row and not reference:
