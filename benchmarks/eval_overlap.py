@@ -33,13 +33,13 @@ SETTINGS = [
 ]
 
 
-# ``train`` with timers around ``Trainer._evaluate`` (the loop paused for evaluation: prediction,
-# and in the baseline the scoring too) and, where it exists, ``Trainer._take_scores`` (waiting for
-# background scorings), their total written to the file named last.
+# ``train`` with timers around the loop's evaluation (prediction, and in the baseline the
+# scoring too) and, where it exists, the wait for background scorings, their total written to the
+# file named last. The loop's evaluation is ``periodic.Evaluation`` since the loop was split into
+# periodic work; a baseline tree from before has it as ``Trainer._evaluate``/``_take_scores``.
 TIMED = """
 import json, sys, time
 from retinanet_xla.cli import main
-from retinanet_xla.training.trainer import Trainer
 sys.argv, out = ["retinanet-xla", *sys.argv[1:-1]], sys.argv[-1]
 paused = [0.0]
 def timer(method):
@@ -50,9 +50,14 @@ def timer(method):
         finally:
             paused[0] += time.perf_counter() - start
     return timed
-Trainer._evaluate = timer(Trainer._evaluate)
-if hasattr(Trainer, "_take_scores"):  # waiting for background scorings is evaluation's time too
-    Trainer._take_scores = timer(Trainer._take_scores)
+try:
+    from retinanet_xla.training.periodic import Evaluation
+    Evaluation.evaluate, Evaluation.take = timer(Evaluation.evaluate), timer(Evaluation.take)
+except ImportError:
+    from retinanet_xla.training.trainer import Trainer
+    Trainer._evaluate = timer(Trainer._evaluate)
+    if hasattr(Trainer, "_take_scores"):  # waiting for background scorings is evaluation's time too
+        Trainer._take_scores = timer(Trainer._take_scores)
 try:
     main()
 except SystemExit:

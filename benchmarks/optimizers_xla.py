@@ -20,6 +20,7 @@ from torch.optim.adamw import adamw as torch_adamw
 from torch.optim.sgd import sgd as torch_sgd
 
 from retinanet_xla.config import OptimizerConfig
+from retinanet_xla.device.runtime import UpdateStyle
 from retinanet_xla.training.optimizer import build_optimizer
 
 
@@ -31,8 +32,9 @@ def count(name: str) -> int:
 def updates(model: nn.Module):
     """name -> a function (lr tensor, gradients) doing one update of the model's parameters."""
     params = [p for p in model.parameters()]
-    ours_sgd = build_optimizer(model, OptimizerConfig(name="sgd"))
-    ours_adamw = build_optimizer(model, OptimizerConfig(name="adamw"))
+    traced = UpdateStyle(in_place=False, device_rate=True)  # XlaRuntime.update_style's
+    ours_sgd = build_optimizer(model, OptimizerConfig(name="sgd"), traced)
+    ours_adamw = build_optimizer(model, OptimizerConfig(name="adamw"), traced)
     buffers = [torch.zeros_like(p) for p in params]
     moments = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     steps = [torch.zeros((), device=p.device) for p in params]

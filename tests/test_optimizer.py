@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from retinanet_xla.config import OptimizerConfig, ScheduleConfig
+from retinanet_xla.device.runtime import UpdateStyle
 from retinanet_xla.training.optimizer import SGD, AdamW, LearningRateSchedule, build_optimizer, parameter_groups
 
 
@@ -18,7 +19,7 @@ def small_model():
 def test_sgd_matches_torch_optim(nesterov, decay_norm_and_bias, in_place):
     ours_model, reference_model = small_model(), small_model()
     config = OptimizerConfig(momentum=0.9, nesterov=nesterov, weight_decay=0.01, weight_decay_norm_and_bias=decay_norm_and_bias)
-    ours = SGD(parameter_groups(ours_model, decay_norm_and_bias), config, in_place=in_place)
+    ours = SGD(parameter_groups(ours_model, decay_norm_and_bias), config, UpdateStyle(in_place=in_place))
     groups = parameter_groups(reference_model, decay_norm_and_bias)
     reference = torch.optim.SGD(
         [{"params": groups["decay"], "weight_decay": 0.01}, {"params": groups["no_decay"], "weight_decay": 0.0}],
@@ -43,7 +44,9 @@ def test_sgd_in_place_is_the_traced_update_bit_for_bit(momentum, nesterov):
     operations in the same order: a resume across backends continues the same run."""
     models = {in_place: small_model() for in_place in (False, True)}
     config = OptimizerConfig(momentum=momentum, nesterov=nesterov, weight_decay=0.01)
-    optimizers = {in_place: SGD(parameter_groups(m, True), config, in_place=in_place) for in_place, m in models.items()}
+    optimizers = {
+        in_place: SGD(parameter_groups(m, True), config, UpdateStyle(in_place=in_place)) for in_place, m in models.items()
+    }
     for step in range(3):
         x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(step))
         for in_place, model in models.items():

@@ -169,9 +169,10 @@ def test_bench_runs_one_replica_per_device(tmp_path):
 def test_a_failing_replica_ends_the_run_quickly_with_its_message(tmp_path):
     script = (
         "from retinanet_xla.config import load_config\n"
+        "from retinanet_xla.device.choice import plan_launch\n"
         "from retinanet_xla.distributed.launch import run_on_local_replicas\n"
         "from tests.replica_faults import fail_on_replica_1\n"
-        "run_on_local_replicas(fail_on_replica_1, (), load_config(None, ['runtime.num_devices=2']))\n"
+        "run_on_local_replicas(fail_on_replica_1, (), plan_launch(load_config(None, ['runtime.num_devices=2']).runtime))\n"
     )
     started = time.monotonic()
     result = run_on_two_devices([sys.executable, "-c", script], tmp_path, timeout=300)

@@ -14,12 +14,12 @@ import torch
 
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import dataset_split, split_files
-from retinanet_xla.device.choice import local_replica_count
+from retinanet_xla.device.choice import plan_launch
 from retinanet_xla.device.feed import InputWait, Stopwatch
-from retinanet_xla.device.runtime import ReplicaGroup, Runtime, split_batch
+from retinanet_xla.device.runtime import ReplicaGroup, Runtime
 from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.errors import ConfigError
-from retinanet_xla.training.batches import train_batches
+from retinanet_xla.training.batches import replica_batch_size, train_batches
 from retinanet_xla.training.build import build_train_step
 from retinanet_xla.training.flops import step_utilisation
 from retinanet_xla.training.summary import timing_summary
@@ -67,16 +67,15 @@ def benchmark(config: Config, steps: int, input_pipeline: bool = False, trace_on
     the host's cost alone, without the device's work competing for the host's cores."""
     if steps < 2:
         raise ConfigError("bench needs at least 2 steps: one to compile, one to time")
-    count = local_replica_count(config.runtime)
-    if count is not None:
-        split_batch(config.train.batch_size, count, "train.batch_size")  # fail before starting anything
+    plan = plan_launch(config.runtime)
+    plan.check_batch(config.train.batch_size, "train.batch_size")  # fail before starting anything
     with tempfile.TemporaryDirectory(prefix="retinanet-xla-bench-") as scratch:
         data_root = Path(scratch) if input_pipeline else None
         if data_root is not None:
             split_files(config, "train", data_root)  # written once, before any replica reads it
         if trace_only:
-            return run_on_local_replicas(_trace_only, (config, steps), config)
-        return run_on_local_replicas(_benchmark, (config, steps, data_root), config)
+            return run_on_local_replicas(_trace_only, (config, steps), plan)
+        return run_on_local_replicas(_benchmark, (config, steps, data_root), plan)
 
 
 def _host_batches(
@@ -85,7 +84,7 @@ def _host_batches(
     if data_root is not None:
         stream = train_batches(config, dataset_split(config, "train", data_root), replicas)
         return (batch for _, batch in zip(range(steps), stream))
-    fixed = synthetic_batches(config, replicas.share(config.train.batch_size, "train.batch_size"), seed=replicas.rank)
+    fixed = synthetic_batches(config, replica_batch_size(config, replicas), seed=replicas.rank)
     return (fixed[i % DISTINCT_BATCHES] for i in range(steps))
 
 
@@ -170,8 +169,6 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
 
 
 def _trace_only(runtime: Runtime, config: Config, steps: int) -> Dict:
-    if not runtime.lazy:
-        raise ConfigError("bench --trace-only needs runtime.device: xla (an eager step runs as it is called)")
     replicas = runtime.replicas
     step_fn = build_train_step(config, runtime)
     runtime.wait()
@@ -180,9 +177,8 @@ def _trace_only(runtime: Runtime, config: Config, steps: int) -> Dict:
     try:
         for batch in batches:
             traced = Stopwatch()
-            step_fn.trace(batch)
+            runtime.trace_only(step_fn, batch)
             traces.append(traced.seconds())
-            runtime.discard_pending()
     finally:
         batches.close()
     times = replicas.gather(

@@ -7,8 +7,8 @@ from typing import Dict, Optional, Sequence, Tuple
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.data.splits import dataset_split
-from retinanet_xla.device.choice import local_replica_count
-from retinanet_xla.device.runtime import Runtime, split_batch
+from retinanet_xla.device.choice import plan_launch
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.errors import ConfigError
 from retinanet_xla.inference.evaluator import Evaluator, default_eval_dir
@@ -31,9 +31,8 @@ def evaluate_checkpoint(
     overrides = [*overrides, *([f"data.val.annotations={annotations}", f"data.val.images={images}"] if annotations else [])]
     config = inference_config(checkpoint, payload, overrides)
     output_dir = storage.location(output) if output else default_eval_dir(checkpoint)
-    count = local_replica_count(config.runtime)
-    if count is not None:
-        split_batch(config.eval.batch_size, count, "eval.batch_size")  # fail before starting anything
+    plan = plan_launch(config.runtime)
+    plan.check_batch(config.eval.batch_size, "eval.batch_size")  # fail before starting anything
     coco = dataset_split(config, "val", local_run_files(checkpoint))  # checked, and written once if synthetic
     trained = CategoryMapping.from_dict(payload["category_mapping"])
     unknown = sorted(set(coco.mapping.category_ids) - set(trained.category_ids))
@@ -49,7 +48,7 @@ def evaluate_checkpoint(
         )
     storage.require_writable(output_dir)  # before the evaluation, not after it
     del payload  # each replica loads its own copy
-    metrics = run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), config)
+    metrics = run_on_local_replicas(_evaluate_replica, (checkpoint, overrides, output_dir), plan)
     run = run_of(checkpoint)
     # The run's own split, written in the run: the report train drew shows this evaluation too.
     if (

@@ -8,8 +8,8 @@ from typing import Dict, Iterator, Optional
 from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data.splits import split_files
-from retinanet_xla.device.choice import local_replica_count
-from retinanet_xla.device.runtime import Runtime, split_batch
+from retinanet_xla.device.choice import plan_launch
+from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.distributed.launch import run_on_local_replicas
 from retinanet_xla.distributed.preemption import PreemptionGuard, stop_file
 from retinanet_xla.errors import ConfigError
@@ -17,7 +17,9 @@ from retinanet_xla.inference.report import write_report_or_warn
 from retinanet_xla.rundir.directory import BEST, CheckpointDirectory
 from retinanet_xla.rundir.lock import RunLock
 from retinanet_xla.storage import Location, StagedDirectory
-from retinanet_xla.training.trainer import STAGED_LOGS, Trainer, TrainingDiverged, TrainingInterrupted
+from retinanet_xla.training.periodic import TrainingDiverged, TrainingInterrupted
+from retinanet_xla.training.setup import STAGED_LOGS
+from retinanet_xla.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,10 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
     that run aside (``move_aside``). ``output_dir`` may be a bucket URL: checkpoints go there
     directly, logs through a local staging directory (``storage.StagedDirectory``)."""
     output_dir = storage.location(output_dir)
-    count = local_replica_count(config.runtime)
-    if count is not None:  # fail before starting anything; else each replica checks its share
-        split_batch(config.train.batch_size, count, "train.batch_size")
-        if config.train.eval_every > 0:
-            split_batch(config.eval.batch_size, count, "eval.batch_size")
+    plan = plan_launch(config.runtime)
+    plan.check_batch(config.train.batch_size, "train.batch_size")  # fail before starting anything
+    if config.train.eval_every > 0:
+        plan.check_batch(config.eval.batch_size, "eval.batch_size")
     _check_weight_files(config)  # before config.yaml or the synthetic dataset is written
     run = StagedDirectory(output_dir)
     # The launcher's handlers turn SIGTERM/SIGINT into the STOP file every replica watches.
@@ -41,7 +42,7 @@ def train(config: Config, output_dir: Location, resume: bool = True, overwrite: 
         summary = run_on_local_replicas(
             _train_replica,
             (config, output_dir, resume),
-            config,
+            plan,
             (TrainingDiverged, TrainingInterrupted),
             prepare=lambda: _prepared_run(config, output_dir, run, resume, overwrite, guard),
         )

@@ -18,7 +18,6 @@ CATEGORIES = [
     {"id": 3, "name": "triangle", "hue": 0.6},
     {"id": 4, "name": "cross", "hue": 0.15},
 ]
-SPLITS = ("train", "val")
 
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> Tuple[int, int, int]:

@@ -3,16 +3,17 @@ each backend imported only once chosen (torch-xla and TorchTPU never in one proc
 
 import importlib.util
 import os
-from typing import Type
+from dataclasses import dataclass
+from typing import Optional, Type
 
 import torch
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.native.platforms import tpu_chips_present
-from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.device.runtime import Runtime, split_batch
 from retinanet_xla.errors import ConfigError
 
-__all__ = ["create_runtime", "local_replica_count", "resolve_device", "runtime_class", "tpu_chips_present"]
+__all__ = ["LaunchPlan", "create_runtime", "plan_launch", "resolve_device", "runtime_class", "tpu_chips_present"]
 
 
 def _installed(module: str) -> bool:
@@ -53,12 +54,39 @@ def runtime_class(setting: str) -> Type[Runtime]:
     return NATIVE_RUNTIMES[kind]
 
 
-def local_replica_count(settings: RuntimeConfig) -> int:
-    """How many replicas a command runs on this host, known without starting a device (the
-    launcher must not touch one before it spawns replicas)."""
-    return runtime_class(settings.device).local_replica_count(settings)
+@dataclass(frozen=True)
+class LaunchPlan:
+    """A command's backend, resolved once from ``runtime.device``, and its replicas on this
+    host: what a command and the launcher ask, instead of resolving or counting themselves."""
+
+    settings: RuntimeConfig
+    backend: Type[Runtime]
+    # Replicas on this host, known without touching a device (the launcher must not before it
+    # spawns them); None: every local device, counted once they start.
+    local_replicas: Optional[int]
+
+    @property
+    def external(self) -> bool:
+        """This process is one replica that ``torchrun`` started: the command runs once per process."""
+        return self.backend.started_by_external_launcher()
+
+    def check_batch(self, batch_size: int, key: str) -> None:
+        """Fail before anything starts when the local replicas cannot share ``batch_size``
+        (``key`` names the setting); each replica checks its own share again once it knows
+        the whole group (``ReplicaGroup.share``)."""
+        if self.local_replicas is not None:
+            split_batch(batch_size, self.local_replicas, key)
+
+    def runtime_here(self) -> Runtime:
+        """The runtime of the command's only local replica, in this process."""
+        return self.backend.in_this_process(self.settings)
+
+
+def plan_launch(settings: RuntimeConfig) -> LaunchPlan:
+    backend = runtime_class(settings.device)
+    return LaunchPlan(settings, backend, backend.local_replica_count(settings))
 
 
 def create_runtime(settings: RuntimeConfig) -> Runtime:
-    """The runtime of a command's only local replica, in this process."""
+    """The runtime of a command's only local replica, in this process (loading a detector)."""
     return runtime_class(settings.device).in_this_process(settings)

@@ -12,6 +12,7 @@ their input, and a runtime that runs each step as it is called.
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
@@ -37,6 +38,21 @@ class StepProgram(Protocol):
 
     def after_trace(self) -> None:
         """Drop what a traced step leaves that is neither state nor output (gradients)."""
+
+
+@dataclass(frozen=True)
+class UpdateStyle:
+    """How a step's optimizer writes weights and state on a backend: the runtime says it
+    (``Runtime.update_style``), the optimizer and the gradient clipping follow."""
+
+    # In place where the step runs eagerly or compiled whole; out of place, then copied, where
+    # it is traced op by op (torch-xla): there each in-place op costs host time (SGD.step says why).
+    in_place: bool = False
+    # torch's functional optimizers may take the learning rate as a device tensor
+    # (``capturable``) on this device, so that a changing rate never changes the graph.
+    device_rate: bool = False
+    # ... and their ``foreach`` kernels accept that here (CUDA; not XLA, not the eager CPU).
+    foreach_device_rate: bool = False
 
 
 class CompiledStep(Protocol):
@@ -133,7 +149,6 @@ class Runtime:
     replicas: ReplicaGroup
     compile_cache: Optional[Path] = None
     step_graph: str = "eager"  # how a step runs, as bench reports it: replay | retrace | compiled | eager
-    lazy: bool = False  # steps are traced and run at end_step (bench --trace-only needs it)
 
     def __init__(self):
         self._after_step: List = []
@@ -199,8 +214,15 @@ class Runtime:
         ``end_step``: only the steps that log pay the wait for the device."""
         self._after_step.append((callback, tensors))
 
-    def discard_pending(self) -> None:
-        """Drop traced work not yet run (``bench --trace-only``); nothing to drop when eager."""
+    def update_style(self) -> UpdateStyle:
+        """How the step's update writes its tensors here (``UpdateStyle``): eagerly on the
+        host's CPU, in place, with the rate as a number in torch's functional kernels."""
+        return UpdateStyle(in_place=True)
+
+    def trace_only(self, program: StepProgram, batch: Batch) -> None:
+        """Trace one step of ``program`` and drop it unrun (``bench --trace-only``: the host's
+        cost alone). Only a backend that traces before it runs can."""
+        raise ConfigError("bench --trace-only needs runtime.device: xla (an eager step runs as it is called)")
 
     def device_batches(self, batches: Iterable[Batch], host_keys: Sequence[str] = ()) -> TimedBatches:
         """Host batches on the device, for train, eval, predict and bench alike; the

@@ -25,8 +25,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict
 
-from retinanet_xla.config import Config, RuntimeConfig
-from retinanet_xla.device.choice import create_runtime, runtime_class
+from retinanet_xla.config import RuntimeConfig
+from retinanet_xla.device.choice import LaunchPlan
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.errors import STOP_SIGNALS, RunFailed, UserError
 from retinanet_xla.logs import configure_logging
@@ -39,12 +39,12 @@ class ReplicaFailed(RunFailed):
 def run_on_local_replicas(
     function: Callable[..., Any],
     args: tuple,
-    config: Config,
+    plan: LaunchPlan,
     agreed_errors: tuple = (),
     prepare: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Any:
-    """``function(runtime, *args)`` on every local replica (``runtime.device``,
-    ``runtime.num_devices``), in this process when there is one; returns what the master's
+    """``function(runtime, *args)`` on every local replica (``plan``: ``runtime.device`` and
+    ``runtime.num_devices`` resolved), in this process when there is one; returns what the master's
     call returned (through a JSON file when the replicas run in a child process), and None in
     the other processes of a run started by ``torchrun`` (one replica each): only the master
     reports. Callers check what must hold for every replica (batch sizes) first.
@@ -53,20 +53,18 @@ def run_on_local_replicas(
     what a run does once (its lock, the files every replica reads). Under an external launcher
     every process is one replica and runs this command: the master alone enters it, and the
     others wait for it at a barrier (a master that fails there ends the launcher's group)."""
-    backend = runtime_class(config.runtime.device)
-    count = backend.local_replica_count(config.runtime)  # one under an external launcher
-    if backend.started_by_external_launcher():
-        runtime = create_runtime(config.runtime)
+    if plan.external:  # one local replica
+        runtime = plan.runtime_here()
         with prepare() if runtime.replicas.is_master else contextlib.nullcontext():
             runtime.replicas.barrier()
             value = function(runtime, *args)
         return value if runtime.replicas.is_master else None
     with prepare():
-        if count == 1:
-            return function(create_runtime(config.runtime), *args)
+        if plan.local_replicas == 1:
+            return function(plan.runtime_here(), *args)
         with tempfile.TemporaryDirectory(prefix="retinanet-xla-replicas-") as scratch:
             result = Path(scratch) / "master.json"
-            launch(backend, config.runtime, _return_from_master, (function, args, result), agreed_errors)
+            launch(plan.backend, plan.settings, _return_from_master, (function, args, result), agreed_errors)
             return json.loads(result.read_text())
 
 

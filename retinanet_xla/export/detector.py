@@ -16,7 +16,7 @@ from retinanet_xla.inference.detector import CandidateDetector
 from retinanet_xla.ops.postprocess import Candidates, per_class_nms
 
 
-class Detector(nn.Module):
+class ExportedDetector(nn.Module):
     """``CandidateDetector`` followed by the evaluation post-processing inside the graph:
     boxes [B, N, 4] (x1, y1, x2, y2 in canvas pixels), scores [B, N], labels [B, N] (-1 past
     the count) and count [B], N = ``max_detections``; rows past ``count`` are zeros."""

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor
 
 from retinanet_xla.config import ConfigError
-from retinanet_xla.export.detector import Detector
-from retinanet_xla.inference.detector import CandidateDetector
-from retinanet_xla.inference.detector import Detector as PackageDetector
+from retinanet_xla.export.detector import ExportedDetector
+from retinanet_xla.inference.detector import CandidateDetector, Detector
 from retinanet_xla.inference.loading import LoadedModel
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections
@@ -22,7 +21,6 @@ from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detecti
 FORMATS = ("onnx", "torchscript", "exported-program", "stablehlo")
 ONNX_OPSET = 17  # NonMaxSuppression (11+) and every op the model uses; ONNX Runtime >= 1.12
 OUTPUTS = ["boxes", "scores", "labels", "count"]
-CANDIDATE_OUTPUTS = ["boxes", "scores", "labels"]
 
 
 @dataclass
@@ -39,7 +37,7 @@ def example_inputs(batch_size: int, image_size: Sequence[int], uint8_input: bool
     return images, torch.tensor([[height, width]] * batch_size, dtype=torch.int64)
 
 
-def build_detectors(loaded: LoadedModel, uint8_input: bool) -> Tuple[CandidateDetector, Detector]:
+def build_detectors(loaded: LoadedModel, uint8_input: bool) -> Tuple[CandidateDetector, ExportedDetector]:
     config = loaded.config
     if config.eval.max_detections > config.eval.pre_nms_top_k:
         raise ConfigError(
@@ -49,7 +47,7 @@ def build_detectors(loaded: LoadedModel, uint8_input: bool) -> Tuple[CandidateDe
     candidates = CandidateDetector(
         model, tuple(config.data.image_size), BoxCoder(config.model.box_coder_weights), config.eval.pre_nms_top_k, uint8_input
     ).eval()
-    return candidates, Detector(candidates, config.eval, config.model.num_classes).eval()
+    return candidates, ExportedDetector(candidates, config.eval, config.model.num_classes).eval()
 
 
 def export(loaded: LoadedModel, fmt: str, output_dir: Path, batch_size: int = 1, uint8_input: bool = True) -> Exported:
@@ -186,7 +184,7 @@ def compare_with_package(loaded: LoadedModel, exported: Exported, images: Tensor
     """Run the exported artefact and the in-package model (the evaluation path: candidates on
     the device, NMS on the host) on the same images; the largest differences found."""
     # The artefact computes in float32 whatever the training precision was.
-    package = PackageDetector(loaded.model, loaded.config, loaded.runtime, "fp32", uint8_input=images.dtype == torch.uint8)
+    package = Detector(loaded.model, loaded.config, loaded.runtime, "fp32", uint8_input=images.dtype == torch.uint8)
     expected = package(images.to(loaded.runtime.device), content_sizes.to(loaded.runtime.device))
     with torch.no_grad():
         outputs = run_exported(exported, images, content_sizes)

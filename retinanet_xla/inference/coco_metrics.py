@@ -4,9 +4,9 @@ Ground truth is read by us (so custom datasets without ``area`` or ``iscrowd`` s
 and detections are indexed directly, so an empty result list is a valid input with AP 0.
 
 ``eval.backend: faster-coco-eval`` scores the same indexes with faster-coco-eval's C++
-``COCOeval_faster``: the same 12 numbers (tested to 1e-6), about 15 times faster (measured
-0.29 s vs 0.02 s on 64 images; docs/performance.md). The master scores while every other
-replica waits, so on COCO val it is minutes saved at every evaluation.
+``COCOeval_faster``: the same 12 numbers (tested to 1e-6), several times faster
+(docs/performance.md holds the figures), which on COCO val is minutes saved at every
+evaluation.
 """
 
 import contextlib

@@ -29,11 +29,16 @@ class BatchCounters:
             yield {key: batch[key] for key in DEVICE_KEYS}
 
 
+def replica_batch_size(config: Config, replicas: ReplicaGroup) -> int:
+    """This replica's share of ``train.batch_size``."""
+    return replicas.share(config.train.batch_size, "train.batch_size")
+
+
 def train_batches(config: Config, coco: CocoDataset, replicas: ReplicaGroup, start_batch: int = 0) -> BatchCounters:
     """This replica's endless stream of augmented training batches. Starting at
     ``start_batch`` (the step a checkpoint reached), a resumed run sees the same images with
     the same augmentation as an uninterrupted one."""
-    batch_size = replicas.share(config.train.batch_size, "train.batch_size")
+    batch_size = replica_batch_size(config, replicas)
     dataset = DetectionDataset(
         coco.records,
         coco.mapping,

@@ -13,6 +13,7 @@ from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
 from retinanet_xla.training.memory import check_step_memory
 from retinanet_xla.training.optimizer import LearningRateSchedule, build_optimizer
+from retinanet_xla.training.state import TrainState
 from retinanet_xla.training.step import TrainStep
 
 
@@ -65,18 +66,15 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     loss_fn.average_across_replicas = replicas.mean
     set_replica_averaging(model, replicas.differentiable_mean, replicas.world)
     anchors = model.anchors(tuple(config.data.image_size)).to(runtime.device)
-    optimizer = build_optimizer(model, config.train.optimizer, in_place=not runtime.lazy)
+    optimizer = build_optimizer(model, config.train.optimizer, runtime.update_style())
+    state = TrainState(model, loss_fn, optimizer, ema, runtime.device)
     schedule = LearningRateSchedule(config.train.schedule, config.train.steps)
-    step = TrainStep(
-        model, loss_fn, optimizer, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm, ema
-    )
+    step = TrainStep(state, schedule, anchors, runtime, config.train.precision, config.train.grad_clip_norm)
     # Loaded weights (ImageNet files, model.init_from) bring scalar buffers of equal values,
     # the BatchNorm step counters, which torch_xla would share as one device buffer: step 2
-    # would then compile again (measured: one compilation after warm-up when fine-tuning).
+    # would then compile again (docs/architecture.md, "Scalar buffers").
     # AdamW's per-parameter step counts are such scalars too.
-    scalars = [*model.state_dict().values(), *loss_fn.state_dict().values(), *optimizer.state_tensors()]
-    scalars += list(ema.model.state_dict().values()) if ema is not None else []
-    runtime.prepare_state(scalars)
+    runtime.prepare_state(state.tensors())
     # Replicas that are threads of one process take turns (as for a collective graph), so the
     # first compiles this graph and the others find it compiled, instead of all compiling it.
     runtime.end_step()

@@ -5,7 +5,7 @@ None of them touches a device, so they are tested without XLA."""
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,12 @@ class StepPlan:
     checkpoint: bool
     evaluate: bool
     last: bool
+    stop: bool = False  # the replicas agreed to stop here (a request on any of them)
+    diverged: bool = False  # ... because a loss was not finite
+
+    def decided(self, stop: bool, diverged: bool) -> "StepPlan":
+        """This plan with what the replicas agreed at a decision step."""
+        return replace(self, stop=stop, diverged=diverged)
 
 
 @dataclass(frozen=True)

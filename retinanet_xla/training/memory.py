@@ -10,6 +10,7 @@ from torch import nn
 from retinanet_xla.config import Config
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.errors import ConfigError
+from retinanet_xla.training.batches import replica_batch_size
 
 GIB = 2**30
 
@@ -40,7 +41,7 @@ def check_step_memory(model: nn.Module, config: Config, runtime: Runtime) -> Non
     available = runtime.memory_bytes()
     if available is None:
         return
-    batch = runtime.replicas.share(config.train.batch_size, "train.batch_size")
+    batch = replica_batch_size(config, runtime.replicas)
     needed = activation_bytes(model, batch, tuple(config.data.image_size), config.train.precision)
     needed += 4 * sum(p.numel() for p in model.parameters()) * 4  # weights, gradients, two optimizer moments
     if needed > available:

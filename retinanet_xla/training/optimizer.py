@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
-from torch.optim.optimizer import _get_capturable_supported_devices
 
 from retinanet_xla.config import OptimizerConfig, ScheduleConfig
+from retinanet_xla.device.runtime import UpdateStyle
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -61,12 +61,14 @@ class LearningRateSchedule:
 
 class Optimizer:
     """The update of the trainable parameters, with its state as device tensors that exist
-    before step one (``state_tensors``: the step's graph reads and updates them)."""
+    before step one (``state_tensors``: the step's graph reads and updates them). ``style``:
+    how the backend wants tensors updated (``Runtime.update_style``)."""
 
     name = ""
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
-        self.config, self.in_place = config, in_place
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, style: UpdateStyle = UpdateStyle()):
+        self.config, self.style = config, style
+        self.in_place = style.in_place
         self.params: List[nn.Parameter] = list(groups["decay"]) + list(groups["no_decay"])
         self.decay_flags = [True] * len(groups["decay"]) + [False] * len(groups["no_decay"])
 
@@ -111,8 +113,8 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
-        super().__init__(groups, config, in_place)
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, style: UpdateStyle = UpdateStyle()):
+        super().__init__(groups, config, style)
         self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
 
     def state(self) -> Dict[str, List[Tensor]]:
@@ -124,8 +126,8 @@ class SGD(Optimizer):
         ``params``; None where a parameter got none), in ``_foreach`` ops that trace each
         operation once for all parameters. Where the step is traced (XLA) out of place, then
         copied: there an in-place binary op checks its broadcast in Python, per tensor, and
-        per-parameter in-place ops took 45 ms per step of host time on CPU XLA for a ResNet-18
-        RetinaNet, half of all tracing. Elsewhere (``in_place``) in place: eager on the CPU each
+        per-parameter in-place ops were half of all tracing time (docs/performance.md,
+        "Optimizers"). Elsewhere (``in_place``) in place: eager on the CPU each
         out-of-place result is a fresh allocation whose pages the kernel faults in anew
         (docs/performance.md, "Native eager: the update in place")."""
         momentum, nesterov, weight_decay = self.config.momentum, self.config.nesterov, self.config.weight_decay
@@ -168,8 +170,8 @@ class AdamW(Optimizer):
 
     name = "adamw"
 
-    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, in_place: bool = False):
-        super().__init__(groups, config, in_place)  # torch.optim's functional form is in place already
+    def __init__(self, groups: Dict[str, Sequence[nn.Parameter]], config: OptimizerConfig, style: UpdateStyle = UpdateStyle()):
+        super().__init__(groups, config, style)  # torch.optim's functional form is in place already
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         # One count per parameter, as torch.optim keeps it (a parameter without a gradient
@@ -184,9 +186,9 @@ class AdamW(Optimizer):
         active = self._with_gradients(gradients)
         if not active:
             return
-        device_type = self.params[active[0]].device.type
-        foreach_capturable = torch.compiler.is_compiling() or device_type in _get_capturable_supported_devices(supports_xla=False)
-        capturable = foreach_capturable or device_type == "xla"
+        # While torch.compile traces the step, its kernels take a device rate on any device.
+        foreach_capturable = torch.compiler.is_compiling() or self.style.foreach_device_rate
+        capturable = foreach_capturable or self.style.device_rate
         foreach = foreach_capturable or not capturable
         rate = lr if capturable else lr.item()
         beta1, beta2 = self.config.betas
@@ -216,7 +218,7 @@ class AdamW(Optimizer):
 OPTIMIZERS = {optimizer.name: optimizer for optimizer in (SGD, AdamW)}
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, in_place: bool = False) -> Optimizer:
-    """``train.optimizer.name``'s optimizer over the model's trainable parameters; ``in_place``
-    where the step is not traced op by op (SGD.step says why it matters)."""
-    return OPTIMIZERS[config.name](parameter_groups(model, config.weight_decay_norm_and_bias), config, in_place)
+def build_optimizer(model: nn.Module, config: OptimizerConfig, style: UpdateStyle = UpdateStyle()) -> Optimizer:
+    """``train.optimizer.name``'s optimizer over the model's trainable parameters, updating
+    them as the backend says (``Runtime.update_style``; SGD.step says why it matters)."""
+    return OPTIMIZERS[config.name](parameter_groups(model, config.weight_decay_norm_and_bias), config, style)

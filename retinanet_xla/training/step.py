@@ -3,62 +3,41 @@ graph. It returns device tensors only; nothing here waits for the device.
 
 It is a ``StepProgram`` for the runtime to compile (``Runtime.compile_step``): on torch-xla it
 is traced on the first call only and its compiled graph replayed after that
-(``runtime.step_graph: replay``, ``device/xla/replay.py``), so everything it updates is listed
-in ``state_tensors``."""
+(``runtime.step_graph: replay``, ``device/xla/replay.py``), so everything it updates is in
+``TrainState.tensors``."""
 
 from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from retinanet_xla.device.runtime import Runtime
-from retinanet_xla.ops import DetectionLoss
-from retinanet_xla.training.ema import WeightAverage
-from retinanet_xla.training.optimizer import LearningRateSchedule, Optimizer
+from retinanet_xla.training.optimizer import LearningRateSchedule
+from retinanet_xla.training.state import TrainState
 
 
 class TrainStep:
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: DetectionLoss,
-        optimizer: Optimizer,
+        state: TrainState,
         schedule: LearningRateSchedule,
         anchors: Tensor,
         runtime: Runtime,
         precision: str = "fp32",
         grad_clip_norm: float = 0.0,
-        ema: Optional[WeightAverage] = None,
     ):
-        self.model, self.loss_fn, self.optimizer, self.schedule = model, loss_fn, optimizer, schedule
-        self.anchors = anchors
+        self.state, self.schedule, self.anchors = state, schedule, anchors
         self.runtime = runtime
         self.precision = precision
         self.grad_clip_norm = grad_clip_norm
         self.replicas = runtime.replicas
-        self.ema = ema
-        # The step counter lives on the device: the learning rate is computed from it inside
-        # the graph, so a changing rate never changes the graph.
-        self.step = torch.zeros((), dtype=torch.int64, device=runtime.device)
         self._launch = runtime.compile_step(self)
 
     def __call__(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return self._launch(batch)
 
     def state_tensors(self) -> List[Tensor]:
-        """Every tensor the step reads from one call to the next or updates: weights and
-        buffers, optimizer and loss state, the step counter, the weight average."""
-        tensors = [*self.model.state_dict(keep_vars=True).values(), *self.optimizer.state_tensors()]
-        tensors += [*self.loss_fn.state_dict(keep_vars=True).values(), self.step]
-        if self.ema is not None:
-            tensors += list(self.ema.model.state_dict(keep_vars=True).values())
-        return tensors
-
-    @property
-    def inference_model(self) -> nn.Module:
-        """The weights to evaluate and keep for inference: the weight average where the run
-        keeps one (as the TF reference does), else the model."""
-        return self.ema.model if self.ema is not None else self.model
+        return self.state.tensors()
 
     def seconds_waiting(self) -> float:
         """Time the calls so far spent waiting for the device to finish the step before (a
@@ -72,17 +51,18 @@ class TrainStep:
         """One step, run eagerly, traced lazily or compiled (what ``__call__`` runs or replays).
         The gradients come from ``torch.autograd.grad``, not ``backward()`` into ``.grad``: the
         same math on every backend, and ``torch.compile`` traces it into the step's one graph."""
+        s = self.state
         with self.runtime.autocast(self.precision):
-            outputs = self.model(self.model.normalize(batch["images"]))
-        losses = self.loss_fn(outputs, self.anchors, batch["boxes"], batch["labels"], batch["crowd"])
-        gradients = list(torch.autograd.grad(losses["loss"], self.optimizer.params, allow_unused=True))
+            outputs = s.model(s.model.normalize(batch["images"]))
+        losses = s.loss_fn(outputs, self.anchors, batch["boxes"], batch["labels"], batch["crowd"])
+        gradients = list(torch.autograd.grad(losses["loss"], s.optimizer.params, allow_unused=True))
         gradients = self.replicas.average_gradients(gradients)
         grad_norm = self._clip_gradients(gradients)
-        lr = self.schedule(self.step)
-        self.optimizer.step(lr, gradients)
-        self.step += 1
-        if self.ema is not None:
-            self.ema.update(self.step)
+        lr = self.schedule(s.step)
+        s.optimizer.step(lr, gradients)
+        s.step += 1
+        if s.ema is not None:
+            s.ema.update(s.step)
         # What is logged is the mean over replicas (the foreground count already is).
         loss, cls_loss, box_loss = self.replicas.mean(torch.stack([losses[k].detach() for k in ("loss", "cls_loss", "box_loss")]))
         return {
@@ -98,13 +78,14 @@ class TrainStep:
     def _clip_gradients(self, gradients: List[Optional[Tensor]]) -> Tensor:
         """Global gradient norm, and clipping to ``grad_clip_norm`` when set, on the device
         (``clip_grad_norm_`` would be equivalent; this keeps the norm for logging). In
-        ``_foreach`` ops; out of place then copied where the step is traced (SGD.step says why)."""
+        ``_foreach`` ops, in place or out of place then copied as the optimizer updates
+        (``UpdateStyle``; SGD.step says why)."""
         grads = [g for g in gradients if g is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g.float() for g in grads])))
         if self.grad_clip_norm > 0:
             factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
-            if self.runtime.lazy:
-                torch._foreach_copy_(grads, torch._foreach_mul(grads, factor))
-            else:
+            if self.state.optimizer.style.in_place:
                 torch._foreach_mul_(grads, factor)
+            else:
+                torch._foreach_copy_(grads, torch._foreach_mul(grads, factor))
         return norm

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
@@ -22,7 +23,7 @@ from retinanet_xla.device.native.compiled import CompiledProgram, compile_counts
 from retinanet_xla.device.native.platforms import Platform, cpu_threads_per_replica, platform
 from retinanet_xla.device.native.replicas import DistributedReplicaGroup
 from retinanet_xla.device.peaks import Peak, measured_cpu_peak, tpu_accelerator_type
-from retinanet_xla.device.runtime import CompiledStep, EveryCall, ReplicaGroup, Runtime, StepProgram
+from retinanet_xla.device.runtime import CompiledStep, EveryCall, ReplicaGroup, Runtime, StepProgram, UpdateStyle
 from retinanet_xla.errors import ConfigError
 
 # How long a replica waits in a collective for the others (torch's own default), so that a
@@ -133,6 +134,13 @@ class NativeRuntime(Runtime):
         if not self.compiled:
             return module
         return torch.compile(module, backend=self.platform.compile_backend, fullgraph=True, dynamic=False)
+
+    def update_style(self) -> UpdateStyle:
+        """In place. The rate stays a device tensor where torch's capturable kernels exist for
+        this device (CUDA; torch's private list, the one its optimizers check); a compiled step
+        makes them capturable anyway while it is traced (``Optimizer`` asks torch.compile)."""
+        capturable = self.device.type in _get_capturable_supported_devices(supports_xla=False)
+        return UpdateStyle(in_place=True, device_rate=capturable, foreach_device_rate=capturable)
 
     def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]], host_keys: Sequence[str] = ()) -> TimedBatches:
         return TimedBatches(_on_device(batches, self.device, frozenset(host_keys)))

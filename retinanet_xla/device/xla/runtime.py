@@ -15,7 +15,7 @@ from torch import nn
 from retinanet_xla.config import RuntimeConfig
 from retinanet_xla.device.feed import TimedBatches
 from retinanet_xla.device.peaks import Peak, measured_cpu_peak, tpu_accelerator_type
-from retinanet_xla.device.runtime import CompiledStep, EveryCall, Runtime, StepProgram
+from retinanet_xla.device.runtime import CompiledStep, EveryCall, Runtime, StepProgram, UpdateStyle
 from retinanet_xla.device.xla.cpu_convolution import use_matmul_convolutions
 from retinanet_xla.device.xla.feed import DeviceFeed
 from retinanet_xla.device.xla.launch_order import launch_order
@@ -68,7 +68,6 @@ def compile_cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 class XlaRuntime(Runtime):
     kind = "xla"
-    lazy = True
 
     def __init__(self, settings: RuntimeConfig, rank: int = 0, world: int = 1, threaded: bool = False):
         super().__init__()
@@ -190,9 +189,15 @@ class XlaRuntime(Runtime):
         torch_xla.sync()
         super().end_step(collective)
 
-    def discard_pending(self) -> None:
+    def update_style(self) -> UpdateStyle:
+        """Traced op by op: updates out of place, then copied; the rate a device tensor in
+        torch's per-parameter kernels (its ``foreach`` ones refuse XLA tensors as capturable)."""
+        return UpdateStyle(in_place=False, device_rate=True, foreach_device_rate=False)
+
+    def trace_only(self, program: StepProgram, batch: Dict[str, torch.Tensor]) -> None:
         import torch_xla
 
+        program.trace(batch)
         torch_xla._XLAC._clear_pending_irs(str(self.device))
 
     def device_batches(self, batches: Iterable[Dict[str, torch.Tensor]], host_keys: Sequence[str] = ()) -> TimedBatches:
