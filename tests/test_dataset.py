@@ -96,3 +96,21 @@ def test_a_sample_gives_up_after_a_run_of_unreadable_images(tmp_path):
     assert dataset[(2, 0)]["unreadable"] == UNREADABLE_IN_A_ROW - 1  # the readable one is the 64th tried
     with pytest.raises(DatasetError, match=f"^{UNREADABLE_IN_A_ROW} images in a row could not be read"):
         dataset[(0, 0)]
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_the_annotation_frame_round_trips_boxes_of_every_turn_and_a_rescale(orientation):
+    """What training does to the JSON's boxes (``to_image``), evaluation undoes (``to_annotation``)."""
+    from retinanet_xla.data.frames import AnnotationFrame, map_boxes
+    from retinanet_xla.data.image_io import OrientedImage
+
+    boxes = np.array([[5.0, 10.0, 20.0, 30.0], [0.0, 0.0, 60.0, 40.0]], dtype=np.float32)
+    turned = OrientedImage(Image.new("RGB", (40, 60)), orientation, (60, 40))
+    rescaled = OrientedImage(Image.new("RGB", (30, 20)), 1, (30, 20))
+    for annotated, oriented, how in (((60, 40), turned, "turned"), ((60, 40), rescaled, "rescaled")):
+        frame = AnnotationFrame.of(annotated, oriented)
+        assert frame.how == how
+        on_image = map_boxes(frame.to_image, boxes)
+        width, height = oriented.image.size
+        assert (on_image[:, :2] >= 0).all() and (on_image[:, 2] <= width).all() and (on_image[:, 3] <= height).all()
+        np.testing.assert_allclose(map_boxes(frame.to_annotation, on_image), boxes, atol=1e-4)

@@ -131,6 +131,7 @@ def test_detections_map_back_to_original_pixels_and_category_ids(synthetic):
         "valid": torch.tensor([True, False]),
         "original_size": torch.tensor([[record.height, record.width], [0, 0]]),
         "scale": torch.tensor([scale, 0.0]),
+        "to_annotation": torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]] * 2),
         "image_id": torch.tensor([record.image_id, -1]),
     }
     found = Detections(torch.tensor(original * scale, dtype=torch.float32), torch.tensor([0.9]), torch.tensor([3]))

@@ -5,6 +5,7 @@ from typing import Dict, List
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CocoDataset, load_coco
+from retinanet_xla.data.frames import AnnotationFrame
 from retinanet_xla.data.image_io import UnreadableImage, read_oriented
 
 
@@ -15,6 +16,8 @@ class CheckReport:
     num_boxes: int
     num_crowd: int
     boxes_per_category: Dict[str, int]
+    turned: int = 0  # images the JSON describes by their stored pixels, which EXIF turns
+
 
     @property
     def ok(self) -> bool:
@@ -27,6 +30,11 @@ class CheckReport:
             f"({self.num_crowd} crowd), {len(mapping.category_ids)} categories",
             "boxes per category: " + ", ".join(f"{name} {count}" for name, count in self.boxes_per_category.items()),
         ]
+        if self.turned:
+            out.append(
+                f"{self.turned} image(s) described in the JSON by their stored pixels, which their EXIF orientation "
+                "turns: their boxes turn with them in training and evaluation"
+            )
         if self.ok:
             out.append("no problems found")
         out += self.dataset.problem_lines()
@@ -36,6 +44,7 @@ class CheckReport:
 def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckReport:
     """Load with the training defaults and, with ``decode``, decode every image as training would."""
     dataset = load_coco(annotations, images)
+    turned = 0
     if decode:
         readable = []
         for record in dataset.records:
@@ -45,10 +54,13 @@ def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckRe
                 dataset.note("unreadable image", str(error))
                 continue
             image = oriented.image
-            # The JSON may give the displayed size or, for an EXIF-rotated photo, the stored one.
-            if (record.width, record.height) not in ((image.width, image.height), oriented.stored_size):
+            # The JSON may give the displayed size or, for an EXIF-turned photo, the stored one
+            # (training and evaluation map between them: data/frames.py).
+            frame = AnnotationFrame.of((record.width, record.height), oriented)
+            turned += frame.how == "turned"
+            if frame.how == "rescaled":
                 dataset.note(
-                    "image size differs from the JSON",
+                    "image size differs from the JSON (boxes rescaled to the file in training and evaluation)",
                     f"{storage.name(record.path)}: {image.width}x{image.height} vs {record.width}x{record.height}",
                 )
             readable.append(record)
@@ -65,4 +77,5 @@ def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckRe
         num_boxes=sum(len(r.boxes) for r in dataset.records),
         num_crowd=sum(int(r.crowd.sum()) for r in dataset.records),
         boxes_per_category={dataset.mapping.names[k]: v for k, v in counts.items()},
+        turned=turned,
     )

@@ -1,6 +1,7 @@
 """One sample: a decoded, transformed image and its ground truth padded to ``max_boxes``."""
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CategoryMapping, ImageRecord
-from retinanet_xla.data.image_io import OrientedImage, UnreadableImage, orient_boxes, read_oriented
+from retinanet_xla.data.frames import IDENTITY, AnnotationFrame, map_boxes
+from retinanet_xla.data.image_io import OrientedImage, UnreadableImage, read_oriented
 from retinanet_xla.data.transforms import Augmentation, letterbox, random_resized_crop
 from retinanet_xla.errors import DatasetError
 
@@ -17,6 +19,17 @@ logger = logging.getLogger(__name__)
 PADDING_INDEX = -1  # a sampler key for a masked-out slot that fills the last evaluation batch
 Key = Union[int, Tuple[int, int]]  # image index, or (image index, augmentation seed)
 UNREADABLE_IN_A_ROW = 64  # a sample gives up after this many unreadable images: the dataset is broken
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sample's canvas came from: what evaluation needs to write detections in the
+    annotation file's frame."""
+
+    image_id: int  # -1: padding
+    scale: float  # letterbox: canvas pixels per decoded pixel (0: a random crop, not invertible)
+    decoded_size: Tuple[int, int]  # (height, width) of the image as decoded
+    to_annotation: np.ndarray  # 2x3: decoded pixels -> the JSON's frame
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -88,14 +101,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         raise DatasetError(f"{what} (the last: {last_error}); `retinanet-xla data check` names every problem")
 
     def _transform(self, record: ImageRecord, oriented: OrientedImage, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        image, boxes = oriented.image, record.boxes
-        if (image.width, image.height) != (record.width, record.height):
-            if (record.width, record.height) == oriented.stored_size:
-                # The JSON describes the file's stored pixels, which EXIF turned on their side:
-                # the boxes turn with them.
-                boxes = orient_boxes(boxes, oriented.orientation, oriented.stored_size)
-            else:  # the JSON's size is wrong: rescale to the decoded pixels
-                boxes = boxes * np.array([image.width / record.width, image.height / record.height] * 2, dtype=np.float32)
+        image = oriented.image
+        # The JSON's frame onto the decoded pixels (turned with EXIF, or rescaled): evaluation
+        # maps detections back with the same frame (``to_annotation``).
+        frame = AnnotationFrame.of((record.width, record.height), oriented)
+        boxes = map_boxes(frame.to_image, record.boxes) if frame.how != "same" else record.boxes
         labels = self.mapping.to_labels(record.category_ids)
         crowd = record.crowd
         if self.augmentation is None:
@@ -104,11 +114,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             pixels, boxes, keep = random_resized_crop(image, boxes, self.image_size, self.augmentation, rng)
             labels, crowd = labels[keep], crowd[keep]
             scale = 0.0  # not invertible after a random crop; only evaluation uses the scale
-        return self._pad(pixels, boxes, labels, crowd, record, scale, valid=True)
+        placed = Placement(record.image_id, scale, (image.height, image.width), frame.to_annotation)
+        return self._pad(pixels, boxes, labels, crowd, placed, valid=True)
 
-    def _pad(
-        self, pixels, boxes, labels, crowd, record: Optional[ImageRecord], scale: float, valid: bool
-    ) -> Dict[str, np.ndarray]:
+    def _pad(self, pixels, boxes, labels, crowd, placed: "Placement", valid: bool) -> Dict[str, np.ndarray]:
         truncated = len(boxes) > self.max_boxes
         if truncated:
             # Keep real objects before crowd regions, larger before smaller.
@@ -125,9 +134,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             "boxes": padded_boxes,
             "labels": padded_labels,
             "crowd": padded_crowd,
-            "image_id": np.int64(record.image_id if record else -1),
-            "scale": np.float32(scale),
-            "original_size": np.array([record.height, record.width] if record else [0, 0], dtype=np.int64),
+            "image_id": np.int64(placed.image_id),
+            "scale": np.float32(placed.scale),
+            "original_size": np.array(placed.decoded_size, dtype=np.int64),
+            "to_annotation": placed.to_annotation.astype(np.float32),
             "valid": np.bool_(valid),
             "truncated": np.bool_(truncated),
             "unreadable": np.int64(0),
@@ -136,16 +146,32 @@ class DetectionDataset(torch.utils.data.Dataset):
     def _padding_sample(self) -> Dict[str, np.ndarray]:
         pixels = np.zeros((*self.image_size, 3), dtype=np.uint8)
         empty = np.zeros((0, 4), dtype=np.float32)
-        return self._pad(pixels, empty, np.zeros(0, np.int64), np.zeros(0, bool), None, 0.0, valid=False)
+        return self._pad(
+            pixels, empty, np.zeros(0, np.int64), np.zeros(0, bool), Placement(-1, 0.0, (0, 0), IDENTITY), valid=False
+        )
 
 
-BATCH_KEYS = ("image", "boxes", "labels", "crowd", "image_id", "scale", "original_size", "valid", "truncated", "unreadable")
+BATCH_KEYS = (
+    "image",
+    "boxes",
+    "labels",
+    "crowd",
+    "image_id",
+    "scale",
+    "original_size",
+    "to_annotation",
+    "valid",
+    "truncated",
+    "unreadable",
+)
 
 
 def collate(samples: List[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:
     """Stack samples into a batch whose shapes and dtypes depend only on the configuration:
     images uint8 [B, 3, H, W], boxes float32 [B, M, 4], labels int64 [B, M] (-1 = padding),
-    crowd bool [B, M], image_id [B], scale [B], original_size [B, 2] (H, W), valid [B]."""
+    crowd bool [B, M], image_id [B], scale [B] (canvas pixels per decoded pixel), original_size
+    [B, 2] (H, W of the decoded image), to_annotation [B, 2, 3] (decoded pixels -> the JSON's
+    frame, ``frames.AnnotationFrame``), valid [B]."""
     batch = {key: torch.from_numpy(np.stack([sample[key] for sample in samples])) for key in BATCH_KEYS}
     batch["images"] = batch.pop("image")
     return batch

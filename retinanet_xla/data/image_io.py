@@ -96,19 +96,3 @@ def read_oriented(
         raise UnreadableImage(str(error)) from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         raise UnreadableImage(f"{path}: {error}") from None
-
-
-def orient_boxes(boxes: np.ndarray, orientation: int, stored_size: Tuple[int, int]) -> np.ndarray:
-    """Boxes (x1 y1 x2 y2) given in a file's stored pixels, moved as ``ImageOps.exif_transpose``
-    moves the pixels. Only the orientations that swap width and height (5-8) are needed: with the
-    others, the stored and displayed sizes agree and boxes are taken as drawn on the displayed
-    image (what annotation tools show)."""
-    width, height = stored_size
-    x1, y1, x2, y2 = boxes.T
-    moved = {
-        5: (y1, x1, y2, x2),  # transposed
-        6: (height - y2, x1, height - y1, x2),  # rotated 90 degrees clockwise
-        7: (height - y2, width - x2, height - y1, width - x1),  # transversed
-        8: (y1, width - x2, y2, width - x1),  # rotated 90 degrees counter-clockwise
-    }
-    return np.stack(moved[orientation], axis=1).astype(np.float32) if orientation in moved else boxes

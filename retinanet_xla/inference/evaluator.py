@@ -11,6 +11,7 @@ from retinanet_xla import storage
 from retinanet_xla.config import Config
 from retinanet_xla.data import DetectionDataset, EvalSampler, build_loader
 from retinanet_xla.data.coco import CocoDataset
+from retinanet_xla.data.frames import map_boxes
 from retinanet_xla.data.splits import resolve_max_boxes
 from retinanet_xla.device.runtime import Runtime
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
@@ -22,7 +23,7 @@ from retinanet_xla.rundir.directory import run_of
 from retinanet_xla.storage import Location
 
 # What stays on the host of an evaluation batch: what maps each image's detections back to it.
-HOST_KEYS = ("original_size", "scale", "valid", "image_id")
+HOST_KEYS = ("original_size", "scale", "to_annotation", "valid", "image_id")
 
 
 class Evaluator:
@@ -75,11 +76,14 @@ class Evaluator:
         return self._to_coco(rows) if self.replicas.is_master else None
 
     def _collect(self, shard: "ShardDetections", per_image: List[Detections], batch: Dict[str, torch.Tensor]) -> None:
-        """A batch's detections, in original pixels, into ``shard``; padding slots are dropped."""
+        """A batch's detections, in the annotation file's frame, into ``shard``; padding slots are
+        dropped. Canvas -> decoded pixels (clipped to the image) -> the JSON's frame, the inverse
+        of what training does to the JSON's boxes (``data.frames``)."""
         for image, found in enumerate(per_image):
             if bool(batch["valid"][image]):
                 height, width = batch["original_size"][image].tolist()
                 boxes = to_original_pixels(found.boxes, float(batch["scale"][image]), height, width)
+                boxes = torch.from_numpy(map_boxes(batch["to_annotation"][image].double().numpy(), boxes.numpy()))
                 shard.add(self.index_of[int(batch["image_id"][image])], boxes, found.scores, found.labels)
 
     def _to_coco(self, rows: torch.Tensor) -> List[Dict]:
