@@ -18,7 +18,6 @@ class CheckReport:
     boxes_per_category: Dict[str, int]
     turned: int = 0  # images the JSON describes by their stored pixels, which EXIF turns
 
-
     @property
     def ok(self) -> bool:
         return not self.dataset.problems
