@@ -4,7 +4,7 @@ import pytest
 
 from retinanet_xla.config import Config, ConfigError, all_keys, load_config
 from retinanet_xla.models import BACKBONES
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import run_cli, set_options
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,6 +86,11 @@ CASES = [
     ("", ["data.image_size=[10000,10000]"], "data.image_size must be [height, width] with both in 32..4096, got [10000, 10000]"),
     ("", ["train.optimizer.name=adam"], "train.optimizer.name must be one of sgd, adamw, got 'adam'"),
     ("", ["train.optimizer.betas=[0.9]"], "train.optimizer.betas must be two values in [0, 1), got [0.9]"),
+    (
+        "",
+        ["model.trainable=[]"],
+        "model.trainable must be a non-empty list of backbone, fpn, head (something must train), got []",
+    ),
     ("train: " + "[" * 100_000 + "]" * 100_000 + "\n", [], "nested too deeply to be a config"),
     ("# " + "x" * 2**20 + "\n", [], f"{2**20 + 3:,} bytes, more than a config file's {2**20:,}"),
     # A 9**9-item alias bomb under a key that wants a string: quoted in a few characters.
@@ -237,3 +242,23 @@ def test_overwrite_goes_with_no_resume(tmp_path, capsys, monkeypatch):
     result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--output", tmp_path / "run", "--overwrite")
     assert result.exit_code == 2 and result.stderr.strip() == "error: --overwrite starts over: it goes with --no-resume"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_with_nothing_left_to_train_is_one_line(tmp_path, capsys, monkeypatch):
+    """Only the backbone trains, and all of it is frozen: refused before the first step."""
+    result = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        CONFIGS / "smoke.yaml",
+        "--output",
+        tmp_path / "run",
+        *set_options(
+            ["model.trainable=[backbone]", "model.backbone.freeze_at=5", "runtime.device=cpu", "data.synthetic.train_images=8"]
+        ),
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: model.trainable ['backbone'] with model.backbone.freeze_at 5 leaves no parameter to train: "
+        "add fpn or head to model.trainable, or lower freeze_at"
+    )

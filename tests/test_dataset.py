@@ -114,3 +114,29 @@ def test_the_annotation_frame_round_trips_boxes_of_every_turn_and_a_rescale(orie
         width, height = oriented.image.size
         assert (on_image[:, :2] >= 0).all() and (on_image[:, 2] <= width).all() and (on_image[:, 3] <= height).all()
         np.testing.assert_allclose(map_boxes(frame.to_annotation, on_image), boxes, atol=1e-4)
+
+
+def test_an_all_crowd_training_split_is_refused_by_train_and_by_data_check(tmp_path, capsys, monkeypatch):
+    """Crowd regions are nothing to learn from: such a split would train on background alone."""
+    path, images_dir = write_coco(
+        tmp_path, [image(i) for i in range(1, 9)], [box(i, [10, 10, 30, 20], crowd=1) for i in range(1, 9)]
+    )
+    trained = run_cli(
+        capsys,
+        monkeypatch,
+        "train",
+        ROOT / "configs" / "smoke.yaml",
+        "--output",
+        tmp_path / "run",
+        *set_options(
+            [f"data.train.annotations={path}", f"data.train.images={images_dir}", "runtime.device=cpu", "train.steps=2"]
+        ),
+    )
+    assert trained.exit_code == 2 and "Traceback" not in trained.stderr
+    assert trained.stderr.strip().splitlines()[-1] == (
+        f"error: {path}: no usable boxes in any image (run 'retinanet-xla data check' for details): "
+        "its 8 box(es) are all crowd regions (iscrowd 1)"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    checked = run_cli(capsys, monkeypatch, "data", "check", path, "--images", images_dir)
+    assert checked.exit_code == 1 and "no usable boxes in any image: 1" in checked.stdout

@@ -278,3 +278,22 @@ def test_adamw_compiles_once_and_resumes_exactly(tmp_path):
             "train.optimizer.name=sgd's); use --no-resume or another --output"
         )
     )
+
+
+def test_resuming_past_train_steps_is_one_line_not_a_run_of_negative_length(straight, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / f"step_{2 * N:08d}.pt").write_bytes(
+        (straight / "checkpoints" / f"step_{2 * N:08d}.pt").read_bytes()
+    )
+    (tmp_path / "synthetic").symlink_to(straight / "synthetic")
+    result = run(tmp_path, f"train.steps={N}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"step_{2 * N:08d}.pt: the checkpoint is at step {2 * N}, past train.steps {N}: "
+            "raise train.steps to train on, or use --no-resume with another --output"
+        )
+    )
+    assert not (tmp_path / "summary.json").exists()

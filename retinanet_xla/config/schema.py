@@ -199,10 +199,10 @@ class ModelConfig:
         _require(self.num_classes > 0, "num_classes", self.num_classes, "> 0")
         parts = self.trainable
         _require(
-            set(parts) <= set(MODEL_PARTS) and len(set(parts)) == len(parts),
+            bool(parts) and set(parts) <= set(MODEL_PARTS) and len(set(parts)) == len(parts),
             "trainable",
             parts,
-            "a list of " + ", ".join(MODEL_PARTS),
+            "a non-empty list of " + ", ".join(MODEL_PARTS) + " (something must train)",
         )
         _require(
             not self.init_class_map or self.init_from is not None,

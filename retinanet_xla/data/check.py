@@ -64,8 +64,8 @@ def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckRe
                 )
             readable.append(record)
         dataset.records = readable
-    if not any(len(record.boxes) for record in dataset.records):
-        dataset.note("no usable boxes in any image", str(annotations))
+    if not dataset.usable_boxes:
+        dataset.note("no usable boxes in any image", dataset.no_usable_boxes())
     counts = {mapping_id: 0 for mapping_id in dataset.mapping.category_ids}
     for record in dataset.records:
         for category_id in record.category_ids.tolist():

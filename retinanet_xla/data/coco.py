@@ -110,6 +110,18 @@ class CocoDataset(ProblemCounts):
     problems: Counter = field(default_factory=Counter)  # reason -> count
     examples: Dict[str, List[str]] = field(default_factory=dict)  # reason -> first few descriptions
 
+    @property
+    def usable_boxes(self) -> int:
+        """Boxes a model can learn from or be scored on: crowd regions are neither (training
+        ignores the anchors they cover; pycocotools ignores detections matching them)."""
+        return sum(int((~record.crowd).sum()) for record in self.records)
+
+    def no_usable_boxes(self) -> str:
+        """Why a split has no usable box, as the one line ``dataset_split`` and ``data check`` give."""
+        crowd = sum(int(record.crowd.sum()) for record in self.records)
+        line = f"{self.annotations_file}: no usable boxes in any image (run 'retinanet-xla data check' for details)"
+        return line + (f": its {crowd} box(es) are all crowd regions (iscrowd 1)" if crowd else "")
+
 
 def _require(condition: bool, path: Location, problem: str) -> None:
     if not condition:

@@ -47,8 +47,8 @@ def dataset_split(config: Config, split: str, output_dir: Path) -> CocoDataset:
         coco = load_coco(annotations, images, config.data.label_mapping, config.data.augmentation.min_box_size)
     if not coco.records:
         raise DatasetError(f"{annotations}: no usable images (run 'retinanet-xla data check' for details)")
-    if not any(len(record.boxes) for record in coco.records):
-        raise DatasetError(f"{annotations}: no usable boxes in any image (run 'retinanet-xla data check' for details)")
+    if not coco.usable_boxes:
+        raise DatasetError(coco.no_usable_boxes())
     if config.model.num_classes < coco.mapping.num_labels:
         raise ConfigError(
             f"model.num_classes is {config.model.num_classes} but {annotations} needs {coco.mapping.num_labels} "

@@ -8,6 +8,7 @@ from torch import nn
 
 from retinanet_xla.config import Config
 from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.errors import ConfigError
 from retinanet_xla.models import build_model, set_replica_averaging
 from retinanet_xla.ops import AnchorMatcher, BoxCoder, DetectionLoss
 from retinanet_xla.training.ema import WeightAverage
@@ -50,6 +51,12 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
     with _INIT_LOCK:
         torch.manual_seed(config.train.seed)
         model = build_model(config)
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        m = config.model
+        raise ConfigError(
+            f"model.trainable {m.trainable} with model.backbone.freeze_at {m.backbone.freeze_at} leaves no parameter "
+            "to train: add fpn or head to model.trainable, or lower freeze_at"
+        )
     check_step_memory(model, config, runtime)
     if initialize is not None:  # a trained detector's weights (model.init_from), on the host
         initialize(model)

@@ -14,7 +14,7 @@ from retinanet_xla.config import Config, save_config
 from retinanet_xla.data.coco import CocoDataset
 from retinanet_xla.data.splits import check_box_budget, dataset_split
 from retinanet_xla.device.runtime import ReplicaGroup, Runtime
-from retinanet_xla.errors import CheckpointError
+from retinanet_xla.errors import CheckpointError, ConfigError
 from retinanet_xla.inference.evaluator import Evaluator
 from retinanet_xla.rundir.checkpoint import load_checkpoint
 from retinanet_xla.rundir.directory import CheckpointDirectory
@@ -158,6 +158,12 @@ def restore(run: TrainingRun, path: Location, payload: Dict) -> None:
     missing = [key for key in RESUME_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}, which resuming needs; use --no-resume with another --output")
+    steps = run.config.train.steps
+    if payload["step"] > steps:
+        raise ConfigError(
+            f"{path}: the checkpoint is at step {payload['step']}, past train.steps {steps}: "
+            "raise train.steps to train on, or use --no-resume with another --output"
+        )
     state = run.step_fn.state
     try:
         state.restore(payload)
