@@ -25,6 +25,40 @@ def test_a_run_without_checkpoints_still_gets_its_curves(tmp_path, capsys, monke
     assert "<th>AP cat</th><td>0.300</td>" in page and "<th>AP dog</th><td>n/a</td>" in page
 
 
+def test_a_damaged_log_and_summary_still_give_a_report_of_what_is_readable(tmp_path, capsys, monkeypatch, caplog):
+    """Lines of another shape (a list, NaN and Infinity, wrong types, nesting past any parser)
+    are left out with a warning; the rows the run wrote are drawn."""
+    good = [json.dumps({"step": s, "loss": 4.0 / s, "cls_loss": 1.0 / s, "lr": 0.01}) for s in range(1, 6)]
+    damaged = [
+        "[1, 2, 3]",
+        '{"step": 6, "loss": NaN}',
+        '{"step": 7, "loss": Infinity, "lr": -Infinity}',
+        '{"step": "8", "loss": 1.0}',
+        '{"step": 9, "loss": {"a": 1}, "lr": [0.1]}',
+        '{"step": 10, "eval": "AP 0.5"}',
+        '{"step": 11, "eval": {"AP": "0.5"}}',
+        '{"step": 12, "eval": {"AP": 0.4, "AP50": 0.6, "per_category_AP": ["cat", 0.3]}}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"step": true, "loss": 2.0}',
+        "null",
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(good[:3] + damaged + good[3:]) + "\n")
+    (tmp_path / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = run_cli(capsys, monkeypatch, "report", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "7 line(s) are not rows this program writes; left out of the report" in caplog.text
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<th>AP (step 12)</th><td>0.400</td>" in page  # the one evaluation row of our shape
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "ap.png",
+        "images_per_second.png",
+        "index.html",
+        "loss.png",
+        "lr.png",
+    ]
+
+
 def test_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch):
     result = run_cli(capsys, monkeypatch, "report", tmp_path)
     assert result.exit_code == 2

@@ -11,7 +11,6 @@ page (the PNGs inlined) that shows them all. The detections are computed on the 
 import base64
 import html
 import io
-import json
 import logging
 import math
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +28,7 @@ from retinanet_xla.errors import CheckpointError, UserError  # noqa: E402
 from retinanet_xla.inference.loading import load_for_inference  # noqa: E402
 from retinanet_xla.inference.predict import detect, draw, ground_truth_boxes  # noqa: E402
 from retinanet_xla.rundir.directory import local_run_files  # noqa: E402
+from retinanet_xla.rundir.rows import evaluation_row, json_object, metrics_rows  # noqa: E402
 from retinanet_xla.storage import Location  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -38,29 +38,24 @@ TILE = 256  # pixels of the longer side of each picture in the grid
 
 
 def read_rows(run: Location) -> Tuple[List[Dict], List[Dict]]:
-    """``metrics.jsonl``'s training rows and evaluation rows, in step order."""
+    """``metrics.jsonl``'s training rows and evaluation rows, in step order (lines of another
+    shape, cut off by a kill or edited, are left out with a warning: ``rundir.rows``)."""
     path = storage.join(run, "metrics.jsonl")
     if not storage.is_file(path):
         raise UserError(f"{run}: no metrics.jsonl: not a run directory, or a run that logged nothing yet")
-    train, evaluations = [], []
-    for line in storage.read_text(path).splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut off by a kill
-        (evaluations if "eval" in row else train).append(row)
+    rows = metrics_rows(storage.read_text(path))
+    if rows.dropped:
+        logger.warning("%s: %d line(s) are not rows this program writes; left out of the report", path, rows.dropped)
+    train, evaluations = rows.train, rows.evaluations
     # What ``retinanet-xla eval RUN`` wrote (RUN/eval/step_N/metrics.json), for steps training
     # did not evaluate itself: the final evaluation of a run without periodic ones (make demo).
     evaluated = {row["step"] for row in evaluations}
     for metrics_file in (
         storage.glob(storage.join(run, "eval"), "*/metrics.json") if storage.is_dir(storage.join(run, "eval")) else []
     ):
-        try:
-            metrics = json.loads(storage.read_text(metrics_file))
-            row = {"step": int(metrics["step"]), "eval": {k: metrics[k] for k in ("AP", "AP50", "AP75", "per_category_AP")}}
-        except (ValueError, KeyError, TypeError):
-            continue  # not one eval wrote
-        if row["step"] not in evaluated:
+        metrics = json_object(storage.read_text(metrics_file)) or {}
+        row = evaluation_row({"step": metrics.get("step"), "eval": metrics})  # None: not one eval wrote
+        if row is not None and row["step"] not in evaluated:
             evaluated.add(row["step"])
             evaluations.append(row)
     return train, sorted(evaluations, key=lambda row: row["step"])
@@ -203,7 +198,7 @@ def write_report(run: Location, score_threshold: float = 0.3) -> Location:
     run = storage.location(run)
     train, evaluations = read_rows(run)
     summary_path = storage.join(run, "summary.json")
-    summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else None
+    summary = json_object(storage.read_text(summary_path)) if storage.is_file(summary_path) else None
     pictures = curves(train, evaluations)
     try:
         pictures["predictions.png"], checkpoint = prediction_grid(run, score_threshold)

@@ -12,6 +12,8 @@ from typing import Dict, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from retinanet_xla.rundir.rows import metrics_rows, row_step
+
 
 def _keep_rows_up_to(path: Path, step: int) -> None:
     """A resumed run redoes the steps after its checkpoint: rows past ``step`` (the run that was
@@ -27,25 +29,15 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
 
 
 def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a line cut off by a kill: dropped
+    step = row_step(line)
+    return float("inf") if step is None else step  # a line cut off by a kill, or not ours: dropped
 
 
 def logged_evaluations(path: Path) -> set:
     """The steps whose evaluation metrics ``metrics.jsonl`` holds."""
     if not path.is_file():
         return set()
-    steps = set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut off by a kill
-        if isinstance(row, dict) and "eval" in row:
-            steps.add(row.get("step"))
-    return steps
+    return {row["step"] for row in metrics_rows(path.read_text()).evaluations}
 
 
 class MetricsLog:
