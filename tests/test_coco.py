@@ -10,7 +10,7 @@ from retinanet_xla.data import (
     load_coco,
 )
 from retinanet_xla.data.check import check_dataset
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import ROOT, run_cli, set_options
 from tests.coco_files import box, image, write_coco
 
 
@@ -54,6 +54,7 @@ def test_bad_annotations_are_counted_and_dropped(tmp_path):
         ('{"images": [], "annotations": []}', "missing list 'categories'"),
         ('{"images": [{"id": "x"}], "annotations": [], "categories": [{"id": 1}]}', "integer 'id'"),
         ("{not json", "not valid JSON"),
+        ('{"images": [], "annotations": [], "categories": [{"id": 1}, {"id": 1}]}', "category id 1 is listed twice"),
     ],
 )
 def test_a_file_that_is_not_coco_fails_with_one_line(tmp_path, content, problem):
@@ -170,3 +171,20 @@ def test_symlink_loops_and_overlong_file_names_are_missing_images_not_tracebacks
         in result.stdout
     )
     assert result.stdout.startswith(f"{path}: 1 usable images")
+
+
+def test_categories_sharing_a_name_are_refused_by_train_and_data_check_in_one_line(tmp_path, capsys, monkeypatch):
+    """Counted and scored by name, four categories called "same" would be one class."""
+    categories = [{"id": i, "name": "same" if i % 2 else f"other{i}"} for i in range(1, 9)]
+    path, images_dir = write_coco(tmp_path, [image(1)], [box(1, [10, 10, 20, 20], category=i) for i in range(1, 9)], categories)
+    expected = (
+        f"error: {path}: categories [1, 3, 5, 7] share the name 'same': per-category counts and AP, and "
+        "model.init_from's class matching, go by name; give each category its own name"
+    )
+    checked = run_cli(capsys, monkeypatch, "data", "check", path, "--images", images_dir)
+    assert checked.exit_code == 2 and checked.stderr.strip() == expected
+    overrides = [f"data.train.annotations={path}", f"data.train.images={images_dir}", "runtime.device=cpu", "train.steps=2"]
+    trained = run_cli(
+        capsys, monkeypatch, "train", ROOT / "configs" / "smoke.yaml", "--output", tmp_path / "run", *set_options(overrides)
+    )
+    assert trained.exit_code == 2 and trained.stderr.strip().splitlines()[-1] == expected

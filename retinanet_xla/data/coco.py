@@ -123,6 +123,23 @@ class CocoDataset(ProblemCounts):
         return line + (f": its {crowd} box(es) are all crowd regions (iscrowd 1)" if crowd else "")
 
 
+def _check_unique_names(categories: Dict[int, str], path: Location) -> None:
+    """Category names are what a person reads per-category AP and box counts by, and what
+    ``model.init_from`` matches classes by: two categories of one name would be counted and
+    scored as one."""
+    by_name: Dict[str, List[int]] = {}
+    for category_id, name in categories.items():
+        by_name.setdefault(name, []).append(category_id)
+    shared = [(name, ids) for name, ids in by_name.items() if len(ids) > 1]
+    if shared:
+        name, ids = shared[0]
+        more = f" ({len(shared)} names are shared)" if len(shared) > 1 else ""
+        raise DatasetError(
+            f"{path}: categories {ids} share the name {name!r}{more}: per-category counts and AP, and "
+            "model.init_from's class matching, go by name; give each category its own name"
+        )
+
+
 def _require(condition: bool, path: Location, problem: str) -> None:
     if not condition:
         raise DatasetError(f"{path}: not a COCO instances file: {problem}")
@@ -237,8 +254,10 @@ def load_coco(
             isinstance(entry, dict) and isinstance(entry.get("id"), int), annotations_file, "every category needs an integer 'id'"
         )
         _require(0 <= entry["id"] <= MAX_ID, annotations_file, f"category id {entry['id']} is outside 0..{MAX_ID}")
+        _require(entry["id"] not in categories, annotations_file, f"category id {entry['id']} is listed twice")
         categories[entry["id"]] = str(entry.get("name", entry["id"]))
     _require(bool(categories), annotations_file, "'categories' is empty")
+    _check_unique_names(categories, annotations_file)
     mapping = CategoryMapping(label_mapping, list(categories), categories)
     dataset = CocoDataset(annotations_file, images_dir, [], mapping)
 
