@@ -287,17 +287,27 @@ def test_checkpoints_with_forged_fields_or_wrong_shapes_are_one_line_for_eval_pr
     shapes.pop("ema", None)
     save_checkpoint(tmp_path / "shapes.pt", shapes)
     save_checkpoint(tmp_path / "forged.pt", {**payload, "config": 5})
+    mapping = payload["category_mapping"]
+    save_checkpoint(tmp_path / "names.pt", {**payload, "category_mapping": {**mapping, "names": list(mapping["names"].values())}})
+    huge = json.loads(json.dumps(payload["config"]))
+    huge["model"]["num_classes"] = 10**9  # a head of 20 TB
+    save_checkpoint(tmp_path / "classes.pt", {**payload, "config": huge})
+    torch.save(payload, tmp_path / "unsummed.pt")  # every field ours, no checksum
     images = output / "synthetic" / "val"
     expected = {
         "shapes.pt": f"its weights do not fit the model its config describes (size mismatch for {name}: copying a param with "
         "shape torch.Size([3, 3]) from checkpoint, the shape in current model is torch.Size([64, 3, 7, 7]).)",
         "forged.pt": "field 'config' is int, not a dict; not a retinanet-xla checkpoint",
+        "names.pt": "field 'category_mapping': names must map category ids (as text) to names; not a retinanet-xla checkpoint",
+        "classes.pt": "model.num_classes must be in 1..10000, got 1000000000",
+        "unsummed.pt": "checkpoint has no sha256 checksum; not a file retinanet-xla wrote",
     }
     for file, message in expected.items():
         for command in (["eval"], ["predict", images, "--output", tmp_path / "predict"], ["export"]):
             result = run_cli(capsys, monkeypatch, command[0], tmp_path / file, *command[1:])
             assert result.exit_code == 2 and "Traceback" not in result.stderr, (command, result.stderr[-3000:])
-            assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / file}: {message}", command
+            last = result.stderr.strip().splitlines()[-1]
+            assert last.startswith("error: ") and str(tmp_path / file) in last and last.endswith(message), (command, last)
     # An output that cannot be written is named before the evaluation, not after it.
     blocked = tmp_path / "a-file"
     blocked.write_text("x")

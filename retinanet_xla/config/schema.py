@@ -21,6 +21,9 @@ PRECISIONS = ("bf16", "fp32")
 SCHEDULES = ("step", "cosine")
 OPTIMIZER_NAMES = ("sgd", "adamw")
 DEVICES = ("auto", "xla", "tpu", "cuda", "cpu")
+# More classes than any detection dataset has (LVIS: 1,203): the head's weights grow with it,
+# and a number read from a file must not ask for terabytes.
+MAX_CLASSES = 10_000
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_GRAPHS = ("replay", "retrace")
@@ -196,7 +199,7 @@ class ModelConfig:
     trainable: List[str] = field(default_factory=lambda: list(MODEL_PARTS))  # the parts that train
 
     def __post_init__(self):
-        _require(self.num_classes > 0, "num_classes", self.num_classes, "> 0")
+        _require(0 < self.num_classes <= MAX_CLASSES, "num_classes", self.num_classes, f"in 1..{MAX_CLASSES}")
         parts = self.trainable
         _require(
             bool(parts) and set(parts) <= set(MODEL_PARTS) and len(set(parts)) == len(parts),

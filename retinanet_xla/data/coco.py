@@ -12,12 +12,12 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Container, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Container, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 from retinanet_xla import storage
-from retinanet_xla.errors import DatasetError
+from retinanet_xla.errors import DatasetError, shown
 from retinanet_xla.storage import Location
 
 MAX_SIDE = 2**31 - 1  # PNG's own limit; JPEG's is 65,535
@@ -75,8 +75,28 @@ class CategoryMapping:
         return {"mode": self.mode, "category_ids": list(self.category_ids), "names": {str(k): v for k, v in self.names.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CategoryMapping":
-        return cls(data["mode"], [int(i) for i in data["category_ids"]], {int(k): v for k, v in data["names"].items()})
+    def from_dict(cls, data: Any) -> "CategoryMapping":
+        """``to_dict``'s data back, checked field by field (it comes from a file): ``ValueError``
+        saying what is wrong, for the caller to name the file."""
+        if not isinstance(data, dict) or set(data) != {"mode", "category_ids", "names"}:
+            raise ValueError("must be a mapping of mode, category_ids and names")
+        mode, ids, names = data["mode"], data["category_ids"], data["names"]
+        if mode not in LABEL_MAPPINGS:
+            raise ValueError(f"mode must be one of {', '.join(LABEL_MAPPINGS)}, got {shown(mode)}")
+        if not isinstance(ids, list) or not ids or not all(_integer(i) and 0 <= i <= MAX_ID for i in ids):
+            raise ValueError(f"category_ids must be a non-empty list of ids in 0..{MAX_ID}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("category_ids lists an id twice")
+        if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+            raise ValueError("names must map category ids (as text) to names")
+        by_id = {}
+        for key, name in names.items():
+            if not key.isdigit() or int(key) not in ids:
+                raise ValueError(f"names has {shown(key)}, which is not one of its category_ids")
+            by_id[int(key)] = name
+        if len(set(by_id.values())) != len(by_id):
+            raise ValueError("two categories share a name")
+        return cls(mode, list(ids), by_id)
 
 
 class ProblemCounts:

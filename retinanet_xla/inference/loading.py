@@ -30,6 +30,12 @@ def inference_config(checkpoint: Location, payload: Dict, overrides: Sequence[st
     config = load_config(base=payload["config"], overrides=overrides, where=str(checkpoint))
     # The weights come from the checkpoint; the ImageNet file need not exist on this machine.
     config.model.backbone.weights = None
+    labels = CategoryMapping.from_dict(payload["category_mapping"]).num_labels  # checked when it was opened
+    if config.model.num_classes < labels:
+        raise CheckpointError(
+            f"{checkpoint}: its category_mapping needs {labels} classes but its config's model.num_classes is "
+            f"{config.model.num_classes}; not a retinanet-xla checkpoint"
+        )
     return config
 
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from retinanet_xla import storage
+from retinanet_xla.data.coco import CategoryMapping
 from retinanet_xla.errors import CheckpointError, RunFailed
 from retinanet_xla.storage import Location
 
@@ -24,7 +25,7 @@ FORMAT = "retinanet-xla-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "step", "model", "config", "category_mapping")
 ZIP_MAGIC = b"PK\x03\x04"
-CHECKSUM_KEY = "sha256"  # of everything else in the file (content_digest); absent in older files
+CHECKSUM_KEY = "sha256"  # of everything else in the file (content_digest); required
 
 
 def content_digest(value: Any) -> str:
@@ -164,9 +165,12 @@ def check_payload(path: Location, payload: Any) -> Dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    # torch's zip reader does not check its records' CRCs: a flipped bit in a tensor loads.
+    # torch's zip reader does not check its records' CRCs: a flipped bit in a tensor loads. Every
+    # checkpoint this program writes has its checksum: a file without one was not written by it.
     stored = payload.pop(CHECKSUM_KEY, None)
-    if stored is not None and stored != content_digest(payload):
+    if stored is None:
+        raise CheckpointError(f"{path}: checkpoint has no {CHECKSUM_KEY} checksum; not a file retinanet-xla wrote")
+    if stored != content_digest(payload):
         raise CheckpointError(f"{path}: checksum mismatch (the file was damaged after it was written)")
     return payload
 
@@ -193,3 +197,7 @@ def check_inference_fields(path, payload: Dict[str, Any]) -> None:
     weights = inference_weights(payload)
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors; not a retinanet-xla checkpoint")
+    try:
+        CategoryMapping.from_dict(payload["category_mapping"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: field 'category_mapping': {error}; not a retinanet-xla checkpoint") from None
