@@ -86,6 +86,8 @@ CASES = [
     ("", ["data.image_size=[10000,10000]"], "data.image_size must be [height, width] with both in 32..4096, got [10000, 10000]"),
     ("", ["train.optimizer.name=adam"], "train.optimizer.name must be one of sgd, adamw, got 'adam'"),
     ("", ["train.optimizer.betas=[0.9]"], "train.optimizer.betas must be two values in [0, 1), got [0.9]"),
+    ("", ["data.max_boxes=100000000"], "data.max_boxes must be in 1..100000 or auto, got 100000000"),
+    ("", ["model.num_classes=1000000000"], "model.num_classes must be in 1..10000, got 1000000000"),
     (
         "",
         ["model.trainable=[]"],

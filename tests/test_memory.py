@@ -7,7 +7,7 @@ from torch import nn
 from retinanet_xla.config import load_config
 from retinanet_xla.device.runtime import host_memory_bytes
 from retinanet_xla.models import build_model
-from retinanet_xla.training.memory import activation_bytes
+from retinanet_xla.models.footprint import activation_bytes
 from tests.cli_helpers import ROOT, TINY, run_cli, set_options
 
 
@@ -50,3 +50,18 @@ def test_an_input_too_large_for_the_machine_is_refused_before_the_first_step(tmp
     assert line.startswith("error: data.image_size [4096, 4096] with 64 image(s) per replica needs at least ")
     assert line.endswith("GiB is available to each replica: lower data.image_size or train.batch_size")
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_max_boxes_whose_matcher_tables_cannot_fit_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch):
+    """The anchor matcher compares every anchor with every box slot: [batch, anchors, max_boxes]."""
+    overrides = ["data.max_boxes=100000", "train.batch_size=64", "runtime.device=cpu", "data.synthetic.train_images=64"]
+    result = run_cli(
+        capsys, monkeypatch, "train", ROOT / "configs" / "smoke.yaml", "--output", tmp_path / "run", *set_options(overrides)
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: data.max_boxes 100000 with 64 image(s) of [128, 128] per replica needs at least ")
+    anchors = (16**2 + 8**2 + 4**2 + 2**2 + 1) * 9  # P3-P7 at 128 px, 9 anchors a place
+    assert f"GiB for the training step ({2 * 4 * 64 * anchors * 100000 / 2**30:.1f} GiB of it the anchor matcher's" in line
+    assert line.endswith("lower data.max_boxes (or drop the images with that many boxes), data.image_size or train.batch_size")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -44,7 +44,7 @@ def run_steps(step_graph: str, steps: int = 4, donate: bool = False):
     runtime = XlaRuntime(config.runtime)
     runtime.donate_step_buffers = donate  # the TPU's default; off on the CPU client
     aliased = metrics.metric_data("InputOutputAliasCount")
-    step = build_train_step(config, runtime)
+    step = build_train_step(config, runtime, max_boxes=8)  # TINY's auto on the synthetic shapes
     data = batches(runtime.device)
     logged = []
     for index in range(steps):

@@ -317,6 +317,18 @@ def test_checkpoints_with_forged_fields_or_wrong_shapes_are_one_line_for_eval_pr
     )
 
 
+def test_eval_and_predict_refuse_a_batch_too_large_for_the_machine_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    output, _ = trained
+    too_large = ["--set", "data.image_size=[4096,4096]", "--set", "eval.batch_size=512"]
+    images = output / "synthetic" / "val"
+    for command in (["eval", output, *too_large], ["predict", output, images, "--output", tmp_path / "p", *too_large]):
+        result = run_cli(capsys, monkeypatch, *command)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: data.image_size [4096, 4096] with 512 image(s) per batch needs at least ")
+        assert line.endswith("GiB is available: lower data.image_size or eval.batch_size (--set)")
+
+
 def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained, tmp_path, capsys, monkeypatch):
     output, _ = trained
     inputs = tmp_path / "inputs"

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from retinanet_xla.config import Config
-from retinanet_xla.data.splits import dataset_split, split_files
+from retinanet_xla.data.splits import dataset_split, resolve_max_boxes, split_files
 from retinanet_xla.device.choice import plan_launch
 from retinanet_xla.device.feed import InputWait, Stopwatch
 from retinanet_xla.device.runtime import ReplicaGroup, Runtime
@@ -25,6 +25,11 @@ from retinanet_xla.training.flops import step_utilisation
 from retinanet_xla.training.summary import timing_summary
 
 DISTINCT_BATCHES = 4
+SYNTHETIC_MAX_BOXES = 100  # data.max_boxes: auto, with no dataset to take it from
+
+
+def synthetic_max_boxes(config: Config) -> int:
+    return SYNTHETIC_MAX_BOXES if config.data.max_boxes == "auto" else config.data.max_boxes
 
 
 def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
@@ -32,7 +37,7 @@ def synthetic_batches(config: Config, batch_size: int, seed: int = 0) -> List[Di
     box counts show that they do not change the graph."""
     generator = torch.Generator().manual_seed(seed)
     height, width = config.data.image_size
-    max_boxes = 100 if config.data.max_boxes == "auto" else config.data.max_boxes  # no dataset to take it from
+    max_boxes = synthetic_max_boxes(config)
     batches = []
     for _ in range(DISTINCT_BATCHES):
         boxes = torch.zeros(batch_size, max_boxes, 4)
@@ -90,7 +95,10 @@ def _host_batches(
 
 def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional[Path]) -> Dict:
     replicas = runtime.replicas
-    step_fn = build_train_step(config, runtime)
+    max_boxes = synthetic_max_boxes(config)
+    if data_root is not None:
+        max_boxes = resolve_max_boxes(dataset_split(config, "train", data_root), config.data.max_boxes)
+    step_fn = build_train_step(config, runtime, max_boxes)
     batches = runtime.device_batches(_host_batches(config, replicas, steps, data_root))
 
     clock = Stopwatch()
@@ -170,7 +178,7 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
 
 def _trace_only(runtime: Runtime, config: Config, steps: int) -> Dict:
     replicas = runtime.replicas
-    step_fn = build_train_step(config, runtime)
+    step_fn = build_train_step(config, runtime, synthetic_max_boxes(config))
     runtime.wait()
     batches = runtime.device_batches(_host_batches(config, replicas, steps, None))
     traces = []

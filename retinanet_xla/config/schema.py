@@ -24,6 +24,9 @@ DEVICES = ("auto", "xla", "tpu", "cuda", "cpu")
 # More classes than any detection dataset has (LVIS: 1,203): the head's weights grow with it,
 # and a number read from a file must not ask for terabytes.
 MAX_CLASSES = 10_000
+# Ground-truth slots per image: far past the densest detection datasets (a few thousand objects
+# in an image); the matcher's tables grow with it (models/footprint.py checks what fits).
+MAX_BOXES = 100_000
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_GRAPHS = ("replay", "retrace")
@@ -118,10 +121,10 @@ class DataConfig:
             len(size) == 2 and 32 <= min(size) and max(size) <= 4096, "image_size", size, "[height, width] with both in 32..4096"
         )
         _require(
-            self.max_boxes == "auto" or (isinstance(self.max_boxes, int) and self.max_boxes > 0),
+            self.max_boxes == "auto" or (isinstance(self.max_boxes, int) and 0 < self.max_boxes <= MAX_BOXES),
             "max_boxes",
             self.max_boxes,
-            "> 0 or auto",
+            f"in 1..{MAX_BOXES} or auto",
         )
         _one_of("label_mapping", self.label_mapping, LABEL_MAPPINGS)
         _require(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")

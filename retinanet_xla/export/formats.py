@@ -184,7 +184,9 @@ def compare_with_package(loaded: LoadedModel, exported: Exported, images: Tensor
     """Run the exported artefact and the in-package model (the evaluation path: candidates on
     the device, NMS on the host) on the same images; the largest differences found."""
     # The artefact computes in float32 whatever the training precision was.
-    package = Detector(loaded.model, loaded.config, loaded.runtime, "fp32", uint8_input=images.dtype == torch.uint8)
+    package = Detector(
+        loaded.model, loaded.config, loaded.runtime, images.shape[0], "fp32", uint8_input=images.dtype == torch.uint8
+    )
     expected = package(images.to(loaded.runtime.device), content_sizes.to(loaded.runtime.device))
     with torch.no_grad():
         outputs = run_exported(exported, images, content_sizes)

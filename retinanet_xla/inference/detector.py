@@ -11,7 +11,9 @@ from torch import Tensor, nn
 
 from retinanet_xla.config import Config, PostprocessConfig
 from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.errors import ConfigError
 from retinanet_xla.models import RetinaNet
+from retinanet_xla.models.footprint import GIB, inference_bytes
 from retinanet_xla.ops import BoxCoder
 from retinanet_xla.ops.postprocess import Candidates, Detections, filter_detections, select_candidates
 
@@ -49,6 +51,19 @@ class CandidateDetector(nn.Module):
         return found.boxes, found.scores, found.labels
 
 
+def check_inference_memory(model: RetinaNet, runtime: Runtime, batch_size: int, image_size, precision: str) -> None:
+    """``ConfigError`` when batches of ``batch_size`` images cannot fit (``models/footprint.py``)."""
+    available = runtime.memory_bytes()
+    needed = inference_bytes(model, batch_size, image_size, precision)
+    if available is not None and needed > available:
+        height, width = image_size
+        raise ConfigError(
+            f"data.image_size [{height}, {width}] with {batch_size} image(s) per batch needs at least "
+            f"{needed / GIB:.1f} GiB to run the model, and {available / GIB:.1f} GiB is available: lower "
+            "data.image_size or eval.batch_size (--set)"
+        )
+
+
 class Detector:
     """``CandidateDetector`` on the runtime's device, then the host half of the
     post-processing: per image, detections in canvas pixels (``to_original_pixels`` maps them
@@ -56,10 +71,18 @@ class Detector:
     training passes the training model)."""
 
     def __init__(
-        self, model: RetinaNet, config: Config, runtime: Runtime, precision: Optional[str] = None, uint8_input: bool = True
+        self,
+        model: RetinaNet,
+        config: Config,
+        runtime: Runtime,
+        batch_size: int,
+        precision: Optional[str] = None,
+        uint8_input: bool = True,
     ):
+        """``batch_size``: the images of each call, checked to fit here, before any is loaded."""
         self.runtime, self.postprocess = runtime, config.eval
         precision = precision or config.train.precision
+        check_inference_memory(model, runtime, batch_size, tuple(config.data.image_size), precision)
         box_coder = BoxCoder(config.model.box_coder_weights)
         image_size = tuple(config.data.image_size)
         self.candidates = CandidateDetector(

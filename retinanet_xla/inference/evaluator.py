@@ -39,7 +39,7 @@ class Evaluator:
         self.replicas = replicas = runtime.replicas
         self.show_progress = show_progress and replicas.is_master
         image_size = tuple(config.data.image_size)
-        batch_size = replicas.share(config.eval.batch_size, "eval.batch_size")
+        self.batch_size = batch_size = replicas.share(config.eval.batch_size, "eval.batch_size")
         # Ground truth is scored from the annotation file: the padded boxes only fill the batch.
         max_boxes = resolve_max_boxes(coco, config.data.max_boxes)
         dataset = DetectionDataset(coco.records, coco.mapping, image_size, max_boxes, None, config.data.max_pixels)
@@ -60,7 +60,7 @@ class Evaluator:
         """COCO-format detections for every image of the split (each exactly once), in split
         order; None on replicas other than the master."""
         if self.detector is None or self.detector.candidates.model is not model:
-            self.detector = Detector(model, self.config, self.runtime)
+            self.detector = Detector(model, self.config, self.runtime, self.batch_size)
         shard = ShardDetections(self.capacity)
         progress = Progress(transient=True, disable=not self.show_progress)
         batches = self.runtime.device_batches(map(evaluation_batch, self.loader), host_keys=HOST_KEYS)

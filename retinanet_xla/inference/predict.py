@@ -126,7 +126,7 @@ def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: 
     config, runtime = loaded.config, loaded.runtime
     postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size, batch_size = tuple(config.data.image_size), config.eval.batch_size
-    detector = Detector(loaded.model, config, runtime)
+    detector = Detector(loaded.model, config, runtime, batch_size)
     chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
     batches = runtime.device_batches((_letterboxed(chunk, size, batch_size) for chunk in chunks), host_keys=("scales",))
     found_all: List[List[Dict]] = []

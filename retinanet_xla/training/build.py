@@ -44,8 +44,11 @@ def build_loss(config: Config) -> DetectionLoss:
 _INIT_LOCK = threading.Lock()
 
 
-def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Callable[[nn.Module], None]] = None) -> TrainStep:
-    """Model, loss, optimizer and schedule on the device, wrapped in the compiled step. Ends
+def build_train_step(
+    config: Config, runtime: Runtime, max_boxes: int, initialize: Optional[Callable[[nn.Module], None]] = None
+) -> TrainStep:
+    """Model, loss, optimizer and schedule on the device, wrapped in the compiled step, for
+    batches of ``max_boxes`` ground-truth boxes per image (``data.max_boxes`` resolved). Ends
     with a sync so that weights, buffers and optimizer state are device data before step 1 and
     step 1 traces the same graph as every later step (docs/architecture.md, "Scalar buffers")."""
     with _INIT_LOCK:
@@ -57,7 +60,7 @@ def build_train_step(config: Config, runtime: Runtime, initialize: Optional[Call
             f"model.trainable {m.trainable} with model.backbone.freeze_at {m.backbone.freeze_at} leaves no parameter "
             "to train: add fpn or head to model.trainable, or lower freeze_at"
         )
-    check_step_memory(model, config, runtime)
+    check_step_memory(model, config, runtime, max_boxes)
     if initialize is not None:  # a trained detector's weights (model.init_from), on the host
         initialize(model)
     ema = None

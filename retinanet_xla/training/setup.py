@@ -12,7 +12,7 @@ from rich.console import Console
 from retinanet_xla import storage
 from retinanet_xla.config import Config, save_config
 from retinanet_xla.data.coco import CocoDataset
-from retinanet_xla.data.splits import check_box_budget, dataset_split
+from retinanet_xla.data.splits import check_box_budget, dataset_split, resolve_max_boxes
 from retinanet_xla.device.runtime import ReplicaGroup, Runtime
 from retinanet_xla.errors import CheckpointError, ConfigError
 from retinanet_xla.inference.evaluator import Evaluator
@@ -74,7 +74,7 @@ def set_up_run(config: Config, runtime: Runtime, output_dir: Location, resume: b
     checkpoints = CheckpointDirectory(output_dir, config.train.keep_checkpoints)
     found = resume_point(checkpoints, runtime.replicas) if resume else None
     init_from = InitFrom(config, coco) if config.model.init_from is not None and found is None else None
-    step_fn = build_train_step(config, runtime, init_from)
+    step_fn = build_train_step(config, runtime, resolve_max_boxes(coco, config.data.max_boxes), init_from)
     run = TrainingRun(config, runtime, output_dir, files, coco, checkpoints, step_fn)
     if init_from is not None:
         run.init_report = init_from.report
