@@ -21,6 +21,9 @@ class Platform:
     synchronize: Callable[[torch.device], None]
     set_device: Callable[[torch.device], None] = lambda device: None
     indexed: bool = True  # one device per local rank (cuda:0, cuda:1, ...); the CPU has one
+    # What the parent process must do before it starts ``count`` local replicas, which must
+    # all see it (TorchTPU: the launch environment every rank shares; nothing elsewhere).
+    prepare_launch: Callable[[int], None] = lambda count: None
 
     def device(self, local_rank: int) -> torch.device:
         return torch.device(self.kind, local_rank) if self.indexed else torch.device(self.kind)

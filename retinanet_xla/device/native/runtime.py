@@ -89,6 +89,7 @@ class NativeRuntime(Runtime):
         exception a replica raises comes back from here; a replica that ends its process
         breaks the pool (``BrokenProcessPool``)."""
         count = cls.local_replica_count(settings)
+        platform(cls.kind).prepare_launch(count)  # before any replica process exists
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(count)}
         previous = {key: os.environ.get(key) for key in rendezvous}
         os.environ.update(rendezvous)  # the replica processes inherit it

@@ -36,4 +36,15 @@ def torchtpu_platform() -> Platform:
         local_devices=torch.tpu.device_count,
         synchronize=torch.tpu.synchronize,
         set_device=torch.tpu.set_device,
+        prepare_launch=set_launch_environment,
     )
+
+
+def set_launch_environment(count: int) -> None:
+    """Every TorchTPU rank needs ``TORCH_TPU_SLICEBUILDER_ADDRESSES`` (one ``host:port`` per
+    rank, the same list on all) and ``TORCH_TPU_TOPOLOGY``, decided once in the parent before
+    any worker starts: nothing upstream sets them. TorchTPU's own call does (it never overwrites
+    a variable already set, so an operator can pin any of them)."""
+    from torch.tpu import distributed
+
+    distributed.set_tpu_launch_env(nproc_per_node=count)
