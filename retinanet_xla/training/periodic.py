@@ -201,6 +201,8 @@ class Checkpoints(PeriodicWork):
             self.upload_logs()
             self.run.last_checkpoint = self.run.checkpoints.save(step, self.run.payload(step))
         self.run.replicas.barrier()
+        if not self.run.replicas.is_master:  # written by the master by now: every replica can name it
+            self.run.last_checkpoint = self.run.checkpoints.step_path(step)
         self.throughput.exclude(paused.seconds())
 
 

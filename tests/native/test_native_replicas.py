@@ -121,3 +121,30 @@ def test_train_under_torchrun_prepares_the_run_once_and_makes_the_spawned_runs_u
     final = load_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt")["model"]
     for name, tensor in load_checkpoint(spawned / "checkpoints" / "step_00000003.pt")["model"].items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_sigterm_to_torchrun_saves_the_step_on_every_rank_and_exits_75_through_our_torchrun(tmp_path):
+    """The outer loop the docs give ("rerun while 75") under torchrun: its SIGTERM reaches both
+    ranks, which agree on a step, save it and exit 75; ``retinanet_xla.distributed.torchrun``
+    ends with 75 where torch's own torchrun ends with 1."""
+    command = [str(SCRIPT.parent / "python"), "-m", "retinanet_xla.distributed.torchrun", "--nproc-per-node", "2"]
+    command += ["-m", "retinanet_xla", *train_command(tmp_path, *NATIVE, "runtime.num_devices=null", "train.steps=500")[1:]]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").read_text().strip():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(0.05)
+        process.send_signal(15)  # SIGTERM, as a TPU VM's preemption notice
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        kill_group(process)
+    assert process.returncode == 75, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped by signal 15 at step ")]
+    assert len(stopped) == 2 and "saved None" not in stderr, stderr[-3000:]  # each rank names the one checkpoint
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}.pt").is_file() and all(f"step_{step:08d}.pt" in line for line in stopped)
+    assert "run the same command again to resume" in stderr

@@ -1,0 +1,42 @@
+"""``python -m retinanet_xla.distributed.torchrun ARGS``: torch's ``torchrun ARGS``, whose exit
+status says what our processes said, so that the documented outer loop ("rerun while the exit
+status is 75", docs/checkpoints.md) works under torchrun as under our own launch.
+
+torchrun itself ends with status 1 whenever a process did not exit 0, and with a traceback when
+it gets SIGTERM: a preemption would stop the loop at once. Here, a SIGTERM/SIGINT to the
+launcher (which torchrun forwards to every process; each saves a checkpoint and exits 75) ends
+with 75, and so does a run whose failed processes all exited 75; anything else keeps torchrun's
+status. torchrun waits ``--shutdown-timeout`` seconds for its processes after a signal before it
+kills them: give it longer than a checkpoint takes to write."""
+
+import sys
+from typing import List, Optional
+
+from retinanet_xla.errors import EXIT_FAILED, EXIT_INTERRUPTED
+
+
+def exit_status(codes: List[int]) -> int:
+    """The launcher's status for its failed processes' exit codes."""
+    return EXIT_INTERRUPTED if codes and all(code == EXIT_INTERRUPTED for code in codes) else EXIT_FAILED
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SignalException as stop:
+        print(
+            f"torchrun: stopped by {stop.sigval.name}; the processes saved their step: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except ChildFailedError as failed:
+        return exit_status([failure.exitcode for failure in failed.failures.values()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
