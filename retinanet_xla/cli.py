@@ -49,6 +49,7 @@ DEVICES_HELP = "Replicas to run, one per local XLA device (runtime.num_devices; 
 
 
 def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
+    """``--devices N`` as ``runtime.num_devices=N``: the schema checks it, in one line."""
     return [*overrides, f"runtime.num_devices={devices}"] if devices is not None else list(overrides)
 
 
@@ -70,7 +71,7 @@ def train(
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from the newest valid checkpoint in the output directory."
     ),
-    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
+    devices: Optional[int] = typer.Option(None, "--devices", help=DEVICES_HELP),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
@@ -99,7 +100,7 @@ def bench(
     steps: int = typer.Option(20, "--steps", min=2, help="Steps to run; the first one compiles."),
     overrides: List[str] = typer.Option([], "--set", help=BENCH_SET),
     json_output: Optional[str] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
+    devices: Optional[int] = typer.Option(None, "--devices", help=DEVICES_HELP),
     input_pipeline: bool = typer.Option(
         False,
         "--input-pipeline",
@@ -160,7 +161,7 @@ def evaluate(
     output: Optional[str] = typer.Option(
         None, "--output", help="Where detections.json and metrics.json go (default: RUN/eval/STEP)."
     ),
-    devices: Optional[int] = typer.Option(None, "--devices", min=1, help=DEVICES_HELP),
+    devices: Optional[int] = typer.Option(None, "--devices", help=DEVICES_HELP),
 ) -> None:
     """COCO metrics of a checkpoint: the pycocotools summary, AP per category, detections.json.
 

@@ -87,6 +87,11 @@ CASES = [
     ("", ["train.optimizer.name=adam"], "train.optimizer.name must be one of sgd, adamw, got 'adam'"),
     ("", ["train.optimizer.betas=[0.9]"], "train.optimizer.betas must be two values in [0, 1), got [0.9]"),
     ("", ["data.max_boxes=100000000"], "data.max_boxes must be in 1..100000 or auto, got 100000000"),
+    (
+        "",
+        ["model.head.norm=gn", "model.fpn_channels=50"],
+        "model.fpn_channels must be a multiple of 32 with model.head.norm gn (its GroupNorm's groups), got 50",
+    ),
     ("", ["model.num_classes=1000000000"], "model.num_classes must be in 1..10000, got 1000000000"),
     (
         "",
@@ -264,3 +269,10 @@ def test_a_model_with_nothing_left_to_train_is_one_line(tmp_path, capsys, monkey
         "error: model.trainable ['backbone'] with model.backbone.freeze_at 5 leaves no parameter to train: "
         "add fpn or head to model.trainable, or lower freeze_at"
     )
+
+
+@pytest.mark.parametrize("devices", ["0", "-1"])
+def test_a_devices_count_below_one_is_one_line(tmp_path, capsys, monkeypatch, devices):
+    result = run_cli(capsys, monkeypatch, "train", CONFIGS / "smoke.yaml", "--output", tmp_path / "run", "--devices", devices)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().endswith(f"runtime.num_devices must be >= 1 or null, got {devices}")

@@ -27,6 +27,7 @@ MAX_CLASSES = 10_000
 # Ground-truth slots per image: far past the densest detection datasets (a few thousand objects
 # in an image); the matcher's tables grow with it (models/footprint.py checks what fits).
 MAX_BOXES = 100_000
+HEAD_GROUPS = 32  # the GroupNorm head's groups (model.head.norm: gn), as in the FCOS/ATSS heads
 COMPILE_CHOICES = ("auto", True, False)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_GRAPHS = ("replay", "retrace")
@@ -217,6 +218,12 @@ class ModelConfig:
             "empty unless init_from is set",
         )
         _require(self.fpn_channels > 0, "fpn_channels", self.fpn_channels, "> 0")
+        _require(
+            self.head.norm != "gn" or self.fpn_channels % HEAD_GROUPS == 0,
+            "fpn_channels",
+            self.fpn_channels,
+            f"a multiple of {HEAD_GROUPS} with model.head.norm gn (its GroupNorm's groups)",
+        )
         _one_of("p6_from", self.p6_from, P6_INPUTS)
         weights = self.box_coder_weights
         _require(len(weights) == 4 and min(weights) > 0, "box_coder_weights", weights, "4 positive numbers (x, y, w, h)")
@@ -397,6 +404,7 @@ __all__ = [
     "DataConfig",
     "EVAL_BACKENDS",
     "EvalConfig",
+    "HEAD_GROUPS",
     "HEAD_NORMS",
     "HeadConfig",
     "InvalidValue",

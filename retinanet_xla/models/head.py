@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-from retinanet_xla.config import HEAD_NORMS
+from retinanet_xla.config import HEAD_GROUPS, HEAD_NORMS
 
 
 def _conv_tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
@@ -20,7 +20,11 @@ def _conv_tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     layers = []
     for _ in range(num_convs):
         if norm == "gn":
-            block = [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
+            block = [
+                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                nn.GroupNorm(HEAD_GROUPS, channels),
+                nn.ReLU(inplace=True),
+            ]
         else:
             block = [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
         layers.append(nn.Sequential(*block))
