@@ -55,6 +55,9 @@ class CheckpointFiles:
     def save_best(self, payload):
         self.calls.append(("best", payload["step"], payload["best_ap"]))
 
+    def step_path(self, step):
+        return f"checkpoints/step_{step:08d}.pt"
+
 
 def fake_run(tmp_path, calls, replicas=None, **settings):
     config = load_config(ROOT / "configs" / "smoke.yaml", ["runtime.peak_tflops=2.0", *settings.get("overrides", [])])
@@ -131,12 +134,13 @@ def test_checkpoints_wait_for_scorings_then_upload_logs_then_save_at_checkpoint_
     assert run.replicas.barriers == 2  # the other replicas wait on the host for the master's write
 
 
-def test_checkpoints_on_another_replica_write_nothing_and_wait_for_the_master(tmp_path):
+def test_checkpoints_on_another_replica_write_nothing_wait_for_the_master_and_name_its_file(tmp_path):
     calls = []
     run = fake_run(tmp_path, calls, replicas=Replicas(rank=1, world=2))
     evaluation = SimpleNamespace(take=lambda wait=False: calls.append(("take", wait)))
     Checkpoints(run, evaluation, Throughput(4, lambda: 0.0), run.files.push).after_step(4, plan(checkpoint=True))
-    assert calls == [("take", True)] and run.replicas.barriers == 1 and run.last_checkpoint is None
+    assert calls == [("take", True)] and run.replicas.barriers == 1
+    assert run.last_checkpoint == "checkpoints/step_00000004.pt"  # what a stop message names on every replica
 
 
 def test_a_divergence_stops_after_the_pending_scorings_naming_the_step_and_the_last_good_checkpoint(tmp_path):
