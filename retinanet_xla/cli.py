@@ -1,6 +1,7 @@
 """The ``retinanet-xla`` command line."""
 
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -45,7 +46,7 @@ BENCH_SET = set_help("--set train.batch_size=16 --set train.precision=fp32")
 EVAL_SET = set_help("--set eval.score_threshold=0.01 --set eval.backend=faster-coco-eval")
 PREDICT_SET = set_help("--set eval.nms_iou=0.6 --set eval.max_detections=50")
 EXPORT_SET = set_help("--set eval.max_detections=50 --set eval.pre_nms_top_k=1000")
-DEVICES_HELP = "Replicas to run, one per local XLA device (runtime.num_devices; default: every device). 1 runs in this process."
+DEVICES_HELP = "Replicas to run, one per local device: a TPU chip, a GPU, an XLA device or a CPU process (runtime.num_devices; default: every device). 1 runs in this process."
 
 
 def _with_devices(overrides: List[str], devices: Optional[int]) -> List[str]:
@@ -273,17 +274,31 @@ def export_command(
 app.add_typer(data_app, name="data")
 
 
+def _check_set_arguments(argv: List[str]) -> None:
+    """``--set key value`` (a space for the ``=``) would reach typer as an extra argument, whose
+    message does not say what ``--set`` wants: say it here."""
+    for index, argument in enumerate(argv[:-1]):
+        value = argv[index + 1]
+        if argument == "--set" and "=" not in value:
+            following = argv[index + 2] if index + 2 < len(argv) else None
+            hint = f" (--set {value}={following}?)" if following is not None and not following.startswith("-") else ""
+            raise ConfigError(f"--set {value}: expected key=value{hint}")
+
+
 def main() -> None:
     """Entry point: every way a command ends maps to the exit code of its kind (errors.py); user
     mistakes end in one line on stderr, never a traceback."""
     configure_logging()
     try:
+        _check_set_arguments(sys.argv[1:])
         app(standalone_mode=True)
     except RunStopped as stop:  # its message says how to resume
         typer.echo(str(stop), err=True)
         sys.exit(stop.exit_code)
     except (UserError, RunFailed) as error:  # a failed replica printed its own error first
-        typer.echo(f"error: {error}", err=True)
+        # Under torchrun every process meets a user's mistake: the first says it, all exit 2.
+        if not (isinstance(error, UserError) and int(os.environ.get("RANK", "0")) > 0):
+            typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
 
 

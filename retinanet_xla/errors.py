@@ -64,3 +64,14 @@ def shown(value) -> str:
     """``repr(value)``, shortened: nested at most 2 deep, 6 items, 120 characters in all."""
     text = _SHOWN.repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def require_package(module: str, needed_by: str, extra: str) -> None:
+    """``ConfigError`` in one line naming the extra to install when ``module`` cannot be
+    imported, checked before the work that needs it starts (not a traceback in the middle)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{needed_by} needs {module}, which is not installed: pip install 'retinanet-xla[{extra}]'") from None

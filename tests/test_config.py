@@ -276,3 +276,19 @@ def test_a_devices_count_below_one_is_one_line(tmp_path, capsys, monkeypatch, de
     result = run_cli(capsys, monkeypatch, "train", CONFIGS / "smoke.yaml", "--output", tmp_path / "run", "--devices", devices)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.strip().endswith(f"runtime.num_devices must be >= 1 or null, got {devices}")
+
+
+def test_a_config_name_with_a_typo_gets_the_nearest_file(capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", CONFIGS / "smoke.yml")
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {CONFIGS / 'smoke.yml'}: config file does not exist; did you mean {CONFIGS / 'smoke.yaml'}?"
+    )
+
+
+def test_set_with_a_space_for_the_equals_sign_says_what_it_wants(tmp_path, capsys, monkeypatch):
+    result = run_cli(capsys, monkeypatch, "train", write(tmp_path, ""), "--set", "train.steps", "10")
+    assert (
+        result.exit_code == 2 and result.stderr.strip() == "error: --set train.steps: expected key=value (--set train.steps=10?)"
+    )

@@ -140,3 +140,10 @@ def test_an_all_crowd_training_split_is_refused_by_train_and_by_data_check(tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
     checked = run_cli(capsys, monkeypatch, "data", "check", path, "--images", images_dir)
     assert checked.exit_code == 1 and "no usable boxes in any image: 1" in checked.stdout
+
+
+def test_data_check_on_the_folder_above_the_images_says_where_they_are(tmp_path, capsys, monkeypatch):
+    path, images_dir = write_coco(tmp_path, [image(1), image(2)], [box(1, [10, 10, 20, 20])])
+    checked = run_cli(capsys, monkeypatch, "data", "check", path, "--images", tmp_path)
+    assert checked.exit_code == 1 and "missing image file: 2" in checked.stdout
+    assert checked.stdout.strip().splitlines()[-1] == f"the missing images are in {images_dir}: pass --images {images_dir}"

@@ -2,6 +2,8 @@
 the real CLI, gives the in-package detections."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from retinanet_xla.export.formats import FORMATS, Exported, run_exported
 from retinanet_xla.models import build_model
 from retinanet_xla.ops.postprocess import Candidates, PostprocessConfig, filter_detections
 from retinanet_xla.rundir.checkpoint import save_checkpoint
-from tests.cli_helpers import ROOT, run_cli
+from tests.cli_helpers import ROOT, SCRIPT, run_cli
 
 
 def random_candidates(seed: int, count: int = 300, num_classes: int = 4) -> Candidates:
@@ -134,3 +136,20 @@ def _write_image(directory):
     path = directory / "image.jpg"  # not square: the letterbox pads it
     Image.new("RGB", (80, 50), (120, 30, 200)).save(path)
     return path
+
+
+def test_onnx_export_without_the_export_extra_is_one_line_before_any_work(checkpoint, tmp_path):
+    """onnx made unimportable (as in an install without the [export] extra): one line, exit 2,
+    nothing written; the other formats need no extra."""
+    missing = tmp_path / "site"
+    (missing / "onnx").mkdir(parents=True)
+    (missing / "onnx" / "__init__.py").write_text("raise ImportError('No module named onnx')\n")
+    env = {**os.environ, "PYTHONPATH": f"{missing}{os.pathsep}{ROOT}", "PJRT_DEVICE": "CPU"}
+    command = [str(SCRIPT), "export", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        result.stderr.strip()
+        == "error: export --format onnx needs onnx, which is not installed: pip install 'retinanet-xla[export]'"
+    )
+    assert not (tmp_path / "out").exists()

@@ -149,3 +149,13 @@ def test_eval_sharding_covers_every_image_once_and_pads(synthetic):
     assert first["image_id"][0].item() == record.image_id
     assert first["original_size"][0].tolist() == [record.height, record.width]
     assert first["scale"][0].item() == pytest.approx(min(64 / record.height, 64 / record.width))
+
+
+def test_more_workers_than_usable_cores_are_capped_with_one_info_line(monkeypatch, caplog):
+    from retinanet_xla.data import loader
+
+    monkeypatch.setattr(loader, "usable_cores", lambda: 2)
+    monkeypatch.setattr(loader, "_CAPPED_LOGGED", set())
+    with caplog.at_level("INFO", logger="retinanet_xla.data.loader"):
+        assert [loader.usable_workers(n) for n in (0, 1, 2, 8, 8)] == [0, 1, 2, 2, 2]
+    assert caplog.messages == ["data.num_workers 8 capped at this machine's 2 usable core(s)"]  # once

@@ -13,6 +13,7 @@ def test_a_run_without_checkpoints_still_gets_its_curves(tmp_path, capsys, monke
     rows.append({"step": 8, "eval": {"AP": 0.25, "AP50": 0.5, "per_category_AP": {"cat": 0.3, "dog": -1.0}}})
     rows.append({"step": 9, "loss": "nan"})  # a non-finite value is logged as text: left out
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 10, "lo')
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 9, "images_per_second": 12.3456789, "final_loss": 0.41249999}))
     result = run_cli(capsys, monkeypatch, "report", tmp_path)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == f"wrote {tmp_path / 'report' / 'index.html'}"
@@ -23,6 +24,7 @@ def test_a_run_without_checkpoints_still_gets_its_curves(tmp_path, capsys, monke
     page = (tmp_path / "report" / "index.html").read_text()
     assert "No prediction grid: " in page and "no usable checkpoints" in page
     assert "<th>AP cat</th><td>0.300</td>" in page and "<th>AP dog</th><td>n/a</td>" in page
+    assert "<th>images_per_second</th><td>12.35</td>" in page and "<th>final_loss</th><td>0.4125</td>" in page
 
 
 def test_a_damaged_log_and_summary_still_give_a_report_of_what_is_readable(tmp_path, capsys, monkeypatch, caplog):

@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from retinanet_xla.config import Config
+from retinanet_xla.data.loader import usable_workers
 from retinanet_xla.data.splits import dataset_split, resolve_max_boxes, split_files
 from retinanet_xla.device.choice import plan_launch
 from retinanet_xla.device.feed import InputWait, Stopwatch
@@ -156,7 +157,7 @@ def _benchmark(runtime: Runtime, config: Config, steps: int, data_root: Optional
     return {
         **summary,
         **utilisation,
-        "input": f"data pipeline, {config.data.num_workers} worker(s) per replica"
+        "input": f"data pipeline, {usable_workers(config.data.num_workers)} worker(s) per replica"
         if data_root is not None
         else "in-memory random batches",
         "steps": steps,

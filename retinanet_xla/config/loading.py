@@ -142,11 +142,25 @@ def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
+def _nearest_config(path: Location) -> str:
+    """``; did you mean X?`` for a local config file of a close name beside ``path`` (a
+    ``.yml`` for a ``.yaml``, a typo), else nothing."""
+    if storage.is_url(path):
+        return ""
+    folder = Path(path).parent
+    try:
+        names = [entry.name for entry in folder.iterdir() if entry.suffix in (".yaml", ".yml") and entry.is_file()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(Path(path).name, names, n=1, cutoff=0.6)
+    return f"; did you mean {folder / close[0]}?" if close else ""
+
+
 def _read_yaml(path: Location, chain: Sequence[str] = ()) -> Dict[str, Any]:
     """The file's mapping with its ``extends`` chain merged in (base first). ``extends`` is
     relative to the file that names it, or a URL of its own."""
     if not storage.is_file(path):
-        raise ConfigError(f"{path}: config file does not exist")
+        raise ConfigError(f"{path}: config file does not exist{_nearest_config(path)}")
     identity = str(path) if storage.is_url(path) else str(Path(path).resolve())
     if identity in chain:
         raise ConfigError(f"{path}: 'extends' forms a cycle")

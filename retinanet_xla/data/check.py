@@ -1,7 +1,8 @@
 """``retinanet-xla data check``: every problem of a dataset, without training."""
 
 from dataclasses import dataclass
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import CocoDataset, load_coco
@@ -37,7 +38,24 @@ class CheckReport:
         if self.ok:
             out.append("no problems found")
         out += self.dataset.problem_lines()
+        folder = self.folder_holding_the_images()
+        if folder is not None:
+            out.append(f"the missing images are in {folder}: pass --images {folder}")
         return out
+
+    def folder_holding_the_images(self) -> Optional[Path]:
+        """Where the images are when none was found where ``--images`` says (a folder one level
+        down, as a zip or a tool that adds ``images/`` leaves them), else None."""
+        missing = self.dataset.examples.get("missing image file", [])
+        if self.num_images or not missing or storage.is_url(self.dataset.images_dir):
+            return None
+        root = Path(self.dataset.images_dir)
+        try:
+            name = Path(missing[0]).relative_to(root)
+            folders = sorted(entry for entry in root.iterdir() if entry.is_dir())
+        except (ValueError, OSError):
+            return None
+        return next((folder for folder in folders if (folder / name).is_file()), None)
 
 
 def check_dataset(annotations: str, images: str, decode: bool = True) -> CheckReport:

@@ -5,6 +5,7 @@ disjoint slice of every epoch. The training stream is infinite and addressable b
 so a resumed run continues with exactly the batches it would have seen.
 """
 
+import logging
 import os
 import signal
 import threading
@@ -15,6 +16,8 @@ import torch
 
 from retinanet_xla.data.dataset import PADDING_INDEX, DetectionDataset, collate
 from retinanet_xla.errors import STOP_SIGNALS, DatasetError
+
+logger = logging.getLogger(__name__)
 
 
 def _check_shard(num_replicas: int, rank: int, batch_size: int) -> None:
@@ -132,6 +135,29 @@ def _dataset_errors_as_raised(batches: Iterator) -> Iterator:
         raise DatasetError(last_line.partition("DatasetError: ")[2] or str(error)) from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or ``taskset``'s limit included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_CAPPED_LOGGED = set()
+
+
+def usable_workers(num_workers: int) -> int:
+    """``data.num_workers``, at most the usable cores: more processes than cores decode no
+    faster, and they took the step's cores (a 2-core VM under load trained ~10x slower with 8)."""
+    cores = usable_cores()
+    if num_workers <= cores:
+        return num_workers
+    if (num_workers, cores) not in _CAPPED_LOGGED:  # once per process, not per loader
+        _CAPPED_LOGGED.add((num_workers, cores))
+        logger.info("data.num_workers %d capped at this machine's %d usable core(s)", num_workers, cores)
+    return cores
+
+
 def build_loader(
     dataset: DetectionDataset, sampler: torch.utils.data.Sampler, batch_size: int, num_workers: int = 2
 ) -> torch.utils.data.DataLoader:
@@ -140,6 +166,7 @@ def build_loader(
     generator: without one, starting an iterator draws worker seeds from torch's global RNG,
     which replica threads share, and a replica doing that while another initialises its model
     under the seed gave the replicas different starting weights."""
+    num_workers = usable_workers(num_workers)
     return StopSignalsBlockedAtStart(
         dataset,
         batch_size=batch_size,

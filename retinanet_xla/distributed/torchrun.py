@@ -5,8 +5,8 @@ status is 75", docs/checkpoints.md) works under torchrun as under our own launch
 torchrun itself ends with status 1 whenever a process did not exit 0, and with a traceback when
 it gets SIGTERM: a preemption would stop the loop at once. Here, a SIGTERM/SIGINT to the
 launcher (which torchrun forwards to every process; each saves a checkpoint and exits 75) ends
-with 75, and so does a run whose failed processes all exited 75; anything else keeps torchrun's
-status. torchrun waits ``--shutdown-timeout`` seconds for its processes after a signal before it
+with 75, and a run whose failed processes all exited with one status (75, or 2 for a user's
+mistake) ends with it; anything else ends with 1, as torchrun does. torchrun waits ``--shutdown-timeout`` seconds for its processes after a signal before it
 kills them: give it longer than a checkpoint takes to write."""
 
 import sys
@@ -16,8 +16,9 @@ from retinanet_xla.errors import EXIT_FAILED, EXIT_INTERRUPTED
 
 
 def exit_status(codes: List[int]) -> int:
-    """The launcher's status for its failed processes' exit codes."""
-    return EXIT_INTERRUPTED if codes and all(code == EXIT_INTERRUPTED for code in codes) else EXIT_FAILED
+    """The launcher's status for its failed processes' exit codes: theirs where they agree (75:
+    stopped to be resumed; 2: a user's mistake, said once by the first process), else 1."""
+    return codes[0] if codes and len(set(codes)) == 1 and codes[0] > 0 else EXIT_FAILED
 
 
 def main(argv: Optional[List[str]] = None) -> int:

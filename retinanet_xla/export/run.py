@@ -8,6 +8,7 @@ import torch
 from retinanet_xla import storage
 from retinanet_xla.data import DetectionDataset, collate
 from retinanet_xla.data.splits import dataset_split, resolve_max_boxes
+from retinanet_xla.errors import require_package
 from retinanet_xla.export.formats import Exported, compare_with_package, export
 from retinanet_xla.inference.loading import load_for_inference
 from retinanet_xla.rundir.directory import local_run_files, run_of
@@ -26,6 +27,10 @@ def export_checkpoint(
     """Export on the host CPU (the artefact must not depend on an XLA device); with ``check``,
     compare it with the in-package model on the first images of the validation split. The
     artefact is written locally and checked there; a bucket ``output`` receives it after that."""
+    if fmt == "onnx":  # before the checkpoint is read and the model built
+        require_package("onnx", "export --format onnx", "export")
+        if check:
+            require_package("onnxruntime", "export --format onnx --check", "export")
     loaded = load_for_inference(checkpoint, [*overrides, "runtime.device=cpu"])
     output_dir = (
         storage.location(output) if output else storage.join(run_of(loaded.checkpoint), "export", storage.stem(loaded.checkpoint))

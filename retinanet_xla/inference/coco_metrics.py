@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from retinanet_xla import storage
 from retinanet_xla.data.coco import annotation_problem
-from retinanet_xla.errors import ConfigError
+from retinanet_xla.errors import require_package
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -104,11 +104,10 @@ def evaluate_detections(
 
 def _faster_evaluator(gt: COCO, results: COCO, print_line):
     """faster-coco-eval's evaluator over the same ground truth and results."""
-    try:
-        from faster_coco_eval import COCO as FasterCOCO
-        from faster_coco_eval import COCOeval_faster
-    except ImportError:
-        raise ConfigError("eval.backend faster-coco-eval is not installed: pip install 'retinanet-xla[eval]'") from None
+    require_package("faster_coco_eval", "eval.backend faster-coco-eval", "eval")
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
     indexes = []
     for source in (gt, results):
         index = FasterCOCO()

@@ -14,6 +14,7 @@ from retinanet_xla.data.coco import CocoDataset
 from retinanet_xla.data.frames import map_boxes
 from retinanet_xla.data.splits import resolve_max_boxes
 from retinanet_xla.device.runtime import Runtime
+from retinanet_xla.errors import require_package
 from retinanet_xla.inference.coco_metrics import evaluate_detections, ground_truth
 from retinanet_xla.inference.detector import Detector
 from retinanet_xla.inference.scoring import BackgroundScoring
@@ -35,6 +36,8 @@ class Evaluator:
     all-gather, compiled once per split), and the master alone scores them."""
 
     def __init__(self, config: Config, coco: CocoDataset, runtime: Runtime, show_progress: bool = True):
+        if config.eval.backend == "faster-coco-eval":  # before any prediction, not at the first scoring
+            require_package("faster_coco_eval", "eval.backend faster-coco-eval", "eval")
         self.config, self.coco, self.runtime = config, coco, runtime
         self.replicas = replicas = runtime.replicas
         self.show_progress = show_progress and replicas.is_master

@@ -165,7 +165,9 @@ def page(run: Location, pictures: Dict[str, bytes], summary: Optional[Dict], eva
     rows = []
     if summary:
         for key in ("steps", "images_per_second", "first_loss", "final_loss", "compilations_after_warmup", "checkpoint"):
-            rows.append(f"<tr><th>{key}</th><td>{html.escape(str(summary.get(key)))}</td></tr>")
+            value = summary.get(key)
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)  # 0.4125, not 0.41249999
+            rows.append(f"<tr><th>{key}</th><td>{html.escape(shown)}</td></tr>")
     if evaluations:
         last = evaluations[-1]
         for key in ("AP", "AP50", "AP75"):

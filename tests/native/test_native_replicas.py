@@ -94,10 +94,12 @@ def test_the_same_command_under_torchrun_joins_its_processes(tmp_path):
     torchrun = SCRIPT.parent / "torchrun"
     args = ["--nproc-per-node", "2", "-m", "retinanet_xla", "bench", "configs/smoke.yaml", "--steps", "2"]
     args += ["--json", tmp_path / "b.json"]
-    for override in ("runtime.num_devices=null", "runtime.device=cpu", "data.image_size=[64,64]", "model.fpn_channels=32"):
+    for override in ("runtime.device=cpu", "data.image_size=[64,64]", "model.fpn_channels=32"):
         args += ["--set", override]
     result = cli(*args, script=torchrun, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # smoke.yaml says runtime.num_devices: 1; torchrun started 2: it decides, said once.
+    assert result.stderr.count("runtime.num_devices 1 yields to torchrun's 2 process(es) per host") == 1, result.stderr
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["replicas"] == 2 and bench["device"] == "cpu"
     # One summary, the master's: the other process reports nothing.
@@ -148,3 +150,24 @@ def test_sigterm_to_torchrun_saves_the_step_on_every_rank_and_exits_75_through_o
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / f"step_{step:08d}.pt").is_file() and all(f"step_{step:08d}.pt" in line for line in stopped)
     assert "run the same command again to resume" in stderr
+
+
+def test_a_users_mistake_under_torchrun_is_one_line_once_and_exit_2(tmp_path):
+    command = [str(SCRIPT.parent / "python"), "-m", "retinanet_xla.distributed.torchrun", "--nproc-per-node", "2"]
+    command += [
+        "-m",
+        "retinanet_xla",
+        "train",
+        "configs/smoke.yaml",
+        "--output",
+        str(tmp_path),
+        "--set",
+        "train.optimizer.name=adam",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: configs/smoke.yaml with --set train.optimizer.name=adam: train.optimizer.name must be one of sgd, adamw, got 'adam'"
+    ]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

@@ -5,6 +5,7 @@ Replicas are started here (``spawn``: one process per local device, rendezvous o
 or by an external ``torchrun``, detected from its environment: that is how several hosts join
 (``--nnodes``, its rendezvous), each of its processes one replica."""
 
+import logging
 import os
 import socket
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,8 @@ from retinanet_xla.device.native.replicas import DistributedReplicaGroup
 from retinanet_xla.device.peaks import Peak, measured_cpu_peak, tpu_accelerator_type
 from retinanet_xla.device.runtime import CompiledStep, EveryCall, ReplicaGroup, Runtime, StepProgram, UpdateStyle
 from retinanet_xla.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # How long a replica waits in a collective for the others (torch's own default), so that a
 # replica that never arrives ends the run instead of hanging it.
@@ -72,10 +75,9 @@ class NativeRuntime(Runtime):
         this process as one of them), else ``num_devices``, else every local device."""
         if under_torchrun():
             local = int(os.environ["LOCAL_WORLD_SIZE"])
-            if settings.num_devices not in (None, local):
-                raise ConfigError(
-                    f"runtime.num_devices is {settings.num_devices} but torchrun started {local} process(es) per host"
-                )
+            if settings.num_devices not in (None, local) and int(os.environ.get("RANK", "0")) == 0:
+                # torchrun decided: a config written for one device (smoke.yaml) runs as launched.
+                logger.info("runtime.num_devices %d yields to torchrun's %d process(es) per host", settings.num_devices, local)
             return 1
         available = platform(cls.kind).local_devices()
         count = settings.num_devices or available
