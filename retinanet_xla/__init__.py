@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["RetinaNet", "__version__"]
+__all__ = ["Predictor", "RetinaNet", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from retinanet_xla.models.retinanet import RetinaNet
 
         return RetinaNet
+    if name == "Predictor":
+        from retinanet_xla.inference.predictor import Predictor
+
+        return Predictor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from PIL import Image
 from retinanet_xla.config import load_config
 from retinanet_xla.rundir.checkpoint import load_checkpoint, save_checkpoint
 from tests.browser import screenshot
-from tests.cli_helpers import SCRIPT, run_cli, train_command
+from tests.cli_helpers import ROOT, SCRIPT, run_cli, train_command
 
 pytestmark = pytest.mark.xla
 
@@ -327,6 +327,54 @@ def test_eval_and_predict_refuse_a_batch_too_large_for_the_machine_in_one_line(t
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith("error: data.image_size [4096, 4096] with 512 image(s) per batch needs at least ")
         assert line.endswith("GiB is available: lower data.image_size or eval.batch_size (--set)")
+
+
+def test_the_predictor_finds_in_each_images_own_pixels_whatever_form_it_comes_in(trained, tmp_path, monkeypatch, capsys):
+    """``retinanet_xla.Predictor`` on a non-square photo, as a path, PIL image, array and tensor:
+    the same detections, inside the photo, equal to what ``predict`` writes for it; and the
+    README's snippet runs as written."""
+    import numpy as np
+    from PIL import Image
+
+    from retinanet_xla import Predictor
+
+    output, _ = trained
+    val = output / "synthetic" / "val"
+    source = Image.open(sorted(val.iterdir())[0]).convert("RGB")
+    photo = tmp_path / "photo.jpg"
+    source.resize((source.width * 2, source.height)).save(photo, quality=95)  # non-square
+    predictor = Predictor.load(output, device="cpu", score_threshold=0.001)  # 12 steps: weak scores
+    by_path = predictor(photo)
+    pixels = np.asarray(Image.open(photo).convert("RGB"))
+    others = predictor([Image.open(photo), pixels, torch.from_numpy(pixels).permute(2, 0, 1)])
+    for found in others:
+        np.testing.assert_allclose(found.boxes, by_path.boxes, atol=1e-3)
+        assert found.names == by_path.names
+    width, height = Image.open(photo).size
+    assert len(by_path.boxes) > 0 and (by_path.boxes[:, 2] <= width).all() and (by_path.boxes[:, 3] <= height).all()
+    assert set(by_path.names) <= set(predictor.names) == {"rectangle", "ellipse", "triangle", "cross"}
+    written = run_cli(
+        capsys,
+        monkeypatch,
+        "predict",
+        output,
+        photo,
+        "--output",
+        tmp_path / "p",
+        "--score-threshold",
+        "0.001",
+        "--set",
+        "runtime.device=cpu",
+    )
+    assert written.exit_code == 0, written.stderr[-3000:]
+    entries = json.loads((tmp_path / "p" / "detections.json").read_text())["images"][0]["detections"]
+    np.testing.assert_allclose([entry["bbox"][0] for entry in entries], by_path.boxes[:, 0], atol=0.01)
+    snippet = (ROOT / "README.md").read_text().split("## Python API")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(output)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(predictor.names)
 
 
 def test_predict_says_what_it_could_not_read_and_refuses_nothing_to_read(trained, tmp_path, capsys, monkeypatch):

@@ -119,40 +119,60 @@ def _letterboxed(chunk: Sequence[Image.Image], size, batch_size: int) -> Dict[st
     return {"images": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), "content_sizes": content, "scales": scales}
 
 
+@dataclass
+class Found:
+    """One image's detections in its own pixels: ``boxes`` [N, 4] (x1, y1, x2, y2), ``scores``
+    [N], ``labels`` [N] (the model's), ``category_ids`` [N] (the dataset's), highest score first."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    category_ids: np.ndarray
+    names: List[str]
+
+
 @torch.no_grad()
-def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: float) -> List[List[Dict]]:
-    """Detections (COCO ``bbox`` in each image's pixels, score, label, category) of every image,
-    in batches padded to ``eval.batch_size`` so that one graph serves them all."""
+def detect_arrays(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: float) -> List[Found]:
+    """Every image's detections, in batches padded to ``eval.batch_size`` so that one graph
+    serves them all: the inference path of predict, the report and ``Predictor``."""
     config, runtime = loaded.config, loaded.runtime
     postprocess = dataclasses.replace(config.eval, score_threshold=score_threshold)
     size, batch_size = tuple(config.data.image_size), config.eval.batch_size
     detector = Detector(loaded.model, config, runtime, batch_size)
     chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
     batches = runtime.device_batches((_letterboxed(chunk, size, batch_size) for chunk in chunks), host_keys=("scales",))
-    found_all: List[List[Dict]] = []
+    found_all: List[Found] = []
     try:
         for chunk, batch in zip(chunks, batches):
             detected = detector(batch["images"], batch["content_sizes"], postprocess)
             for image, scale, found in zip(chunk, batch["scales"].tolist(), detected):
-                boxes = to_original_pixels(found.boxes, scale, image.height, image.width)
+                boxes = to_original_pixels(found.boxes, scale, image.height, image.width).numpy()
                 ids = loaded.mapping.to_category_ids(found.labels.numpy())
-                found_all.append(
-                    [
-                        {
-                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                            "score": round(float(score), 4),
-                            "label": int(label),
-                            "category_id": int(category_id),
-                            "category_name": loaded.mapping.names.get(int(category_id), str(category_id)),
-                        }
-                        for (x1, y1, x2, y2), score, label, category_id in zip(
-                            boxes.tolist(), found.scores.tolist(), found.labels.tolist(), ids.tolist()
-                        )
-                    ]
-                )
+                names = [loaded.mapping.names.get(int(i), str(int(i))) for i in ids]
+                found_all.append(Found(boxes, found.scores.numpy(), found.labels.numpy(), ids, names))
     finally:
         batches.close()
     return found_all
+
+
+def detect(loaded: LoadedModel, images: Sequence[Image.Image], score_threshold: float) -> List[List[Dict]]:
+    """``detect_arrays`` as COCO-style entries (``bbox`` [x, y, w, h] in each image's pixels,
+    score, label, category id and name), what predict's JSON and the report draw."""
+    return [
+        [
+            {
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                "score": round(float(score), 4),
+                "label": int(label),
+                "category_id": int(category_id),
+                "category_name": name,
+            }
+            for (x1, y1, x2, y2), score, label, category_id, name in zip(
+                found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), found.category_ids.tolist(), found.names
+            )
+        ]
+        for found in detect_arrays(loaded, images, score_threshold)
+    ]
 
 
 @torch.no_grad()
