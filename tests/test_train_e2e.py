@@ -345,7 +345,7 @@ def test_the_predictor_finds_in_each_images_own_pixels_whatever_form_it_comes_in
     source.resize((source.width * 2, source.height)).save(photo, quality=95)  # non-square
     predictor = Predictor.load(output, device="cpu", score_threshold=0.001)  # 12 steps: weak scores
     by_path = predictor(photo)
-    pixels = np.asarray(Image.open(photo).convert("RGB"))
+    pixels = np.array(Image.open(photo).convert("RGB"))
     others = predictor([Image.open(photo), pixels, torch.from_numpy(pixels).permute(2, 0, 1)])
     for found in others:
         np.testing.assert_allclose(found.boxes, by_path.boxes, atol=1e-3)
