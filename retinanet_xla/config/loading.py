@@ -152,7 +152,7 @@ def _nearest_config(path: Location) -> str:
         names = [entry.name for entry in folder.iterdir() if entry.suffix in (".yaml", ".yml") and entry.is_file()]
     except OSError:
         return ""
-    close = difflib.get_close_matches(Path(path).name, names, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(Path(path).name, names, n=1, cutoff=0.8)  # a typo, .yml for .yaml
     return f"; did you mean {folder / close[0]}?" if close else ""
 
 
