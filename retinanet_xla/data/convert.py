@@ -128,6 +128,9 @@ def yolo_directories(root: Path, split: Optional[str]) -> Tuple[Path, Path]:
 
 def from_yolo(root: Path, split: Optional[str] = None) -> Conversion:
     names = yolo_class_names(root)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # COCO categories are told apart by name (coco.load_coco refuses a repeat)
+        raise DatasetError(f"{root}: the class name {repeated[0]!r} is given to more than one class id; give each its own name")
     images_dir, labels_dir = yolo_directories(root, split)
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(names)]
     conversion = Conversion({"images": [], "annotations": [], "categories": categories}, images_dir)

@@ -54,8 +54,10 @@ class CandidateDetector(nn.Module):
 def check_inference_memory(model: RetinaNet, runtime: Runtime, batch_size: int, image_size, precision: str) -> None:
     """``ConfigError`` when batches of ``batch_size`` images cannot fit (``models/footprint.py``)."""
     available = runtime.memory_bytes()
+    if available is None:  # the backend cannot tell
+        return
     needed = inference_bytes(model, batch_size, image_size, precision)
-    if available is not None and needed > available:
+    if needed > available:
         height, width = image_size
         raise ConfigError(
             f"data.image_size [{height}, {width}] with {batch_size} image(s) per batch needs at least "

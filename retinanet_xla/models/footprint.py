@@ -25,6 +25,10 @@ def meta_copy(model: nn.Module) -> nn.Module:
         memo[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="meta"), parameter.requires_grad)
     for buffer in model.buffers():
         memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    for module in model.modules():  # functions a module holds (a replica group's mean) are shared, not copied
+        for value in vars(module).values():
+            if callable(value) and not isinstance(value, (nn.Module, torch.Tensor)):
+                memo[id(value)] = value
     return copy.deepcopy(model, memo)
 
 
@@ -35,6 +39,9 @@ def convolution_outputs(meta_model: nn.Module, batch_size: int, image_size: Tupl
     def count(module, inputs, output) -> None:
         outputs.append(output.numel())
 
+    # In eval mode: the same shapes, and no cross-replica BatchNorm (no collective, no autocast
+    # on the meta device) in a measurement.
+    meta_model.eval()
     hooks = [m.register_forward_hook(count) for m in meta_model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():

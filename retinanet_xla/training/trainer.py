@@ -30,7 +30,7 @@ class Trainer:
     def __init__(self, config, runtime: Runtime, output_dir: Location, resume: bool = True, console: Optional[Console] = None):
         self.training = set_up_run(config, runtime, output_dir, resume)
         self.console = console
-        if self.training.last_checkpoint is not None and self.training.replicas.is_master:  # once, not per replica
+        if self.training.last_checkpoint is not None:  # every replica: each says it loaded replica 0's choice
             logger.info("resuming from %s (step %d)", self.training.last_checkpoint, self.training.start_step)
 
     def run(self) -> Dict:
