@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 import typer
@@ -274,6 +275,9 @@ def export_command(
 app.add_typer(data_app, name="data")
 
 
+OTHER_RANKS_WAIT_SECONDS = 10.0  # far more than rank 0 needs to print and exit
+
+
 def _check_set_arguments(argv: List[str]) -> None:
     """``--set key value`` (a space for the ``=``) would reach typer as an extra argument, whose
     message does not say what ``--set`` wants: say it here."""
@@ -296,8 +300,11 @@ def main() -> None:
         typer.echo(str(stop), err=True)
         sys.exit(stop.exit_code)
     except (UserError, RunFailed) as error:  # a failed replica printed its own error first
-        # Under torchrun every process meets a user's mistake: the first says it, all exit 2.
-        if not (isinstance(error, UserError) and int(os.environ.get("RANK", "0")) > 0):
+        # Under torchrun every process meets a user's mistake: rank 0 says it and exits 2 first
+        # (torchrun reports the first failure and stops the others); the rest wait a moment.
+        if isinstance(error, UserError) and int(os.environ.get("RANK", "0")) > 0:
+            time.sleep(OTHER_RANKS_WAIT_SECONDS)
+        else:
             typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
 
